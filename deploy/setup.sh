@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned requirements (idempotent: reinstalls only when requirements.txt changes).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+command -v java >/dev/null || { echo "error: java not found; TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+PY="${PYTHON:-python3}"
+"$PY" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null || { echo "error: $PY must be Python >= 3.10" >&2; exit 1; }
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+stamp=.venv/.requirements.sha256
+want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+  echo "installing requirements into .venv (torch is a ~5 GB download the first time)..."
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r requirements.txt
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,338 @@
+"""The shared handler base: load, place, warm up, and serve a batch without ever failing it whole.
+
+A subclass says how to turn one input into a tensor (`decode`), how to stack tensors
+into a model batch (`collate`) and how to turn one output row into a response (`respond`).
+Everything else (metadata, request bodies, limits, per-request errors, describe, metrics)
+lives here once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.errors import InputError
+from handlers.loading import load_model
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"
+DEFAULTS: dict[str, Any] = {
+    "topk": 5,
+    "max_bytes": 8 * 1024 * 1024,  # per item, after base64 decoding
+    "max_pixels": 40_000_000,  # declared width x height, checked before decoding
+    "compile": False,  # torch.compile the model (eager/state_dict artifacts only)
+    "amp": "none",  # "bf16" | "fp16" autocast on GPU
+}
+BASE64_KEYS = ("data", "image", "b64")
+
+
+class Item:
+    """One model input: where it came from in the batch, and the decoded tensor."""
+
+    __slots__ = ("request", "tensor")
+
+    def __init__(self, request: int, tensor: torch.Tensor) -> None:
+        self.request = request
+        self.tensor = tensor
+
+
+class ModelHandler(BaseHandler):
+    # What a subclass may take as input; used in error messages and the model card.
+    accepts = "a JSON tensor matching the model's input shape"
+
+    def initialize(self, context: Any) -> None:
+        self.context = context
+        self.manifest = context.manifest
+        props = context.system_properties
+        self.model_dir = Path(props["model_dir"])
+        path = self.model_dir / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{METADATA_FILE} missing from the archive; rebuild it with build_mar.sh")
+        self.meta: dict[str, Any] = json.loads(path.read_text())
+        yaml_cfg = getattr(context, "model_yaml_config", None) or {}
+        self.options = {**DEFAULTS, **(yaml_cfg.get("handler") or {})}
+        self.device = self.pick_device(props.get("gpu_id"))
+        self.model = load_model(self.model_dir, self.meta, self.device)
+        if self.options["compile"] and self.meta["format"] == "state_dict":
+            self.model = torch.compile(self.model)
+        model_info = (self.manifest or {}).get("model", {})
+        self.model_name = model_info.get("modelName", self.meta.get("name", "model"))
+        self.version = model_info.get("modelVersion") or self.meta.get("version", "")
+        self.batch_size = int(props.get("batch_size") or 1)
+        self.setup()
+        self.warm_up()
+        self.initialized = True
+        logger.info("%s %s (%s) ready on %s", self.model_name, self.version, self.meta["variant"], self.device)
+
+    # --- hooks for subclasses -------------------------------------------------------------
+    def setup(self) -> None:
+        """Per-model state built once, after the model is loaded."""
+
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["input_shape"])
+
+    def decode(self, payload: Any) -> torch.Tensor:
+        """One request payload (bytes, str or JSON value) -> one input tensor."""
+        return self.tensor_from_json(payload)
+
+    def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tensors).to(self.device)
+
+    def respond(self, output: torch.Tensor, options: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- device, warm-up ------------------------------------------------------------------
+    def pick_device(self, gpu_id: int | None) -> torch.device:
+        if gpu_id is None or not torch.cuda.is_available():
+            return torch.device("cpu")
+        if self.meta.get("cpu_only"):
+            logger.info("variant %s is CPU-only; ignoring gpu_id %s", self.meta.get("variant"), gpu_id)
+            return torch.device("cpu")
+        return torch.device(f"cuda:{gpu_id}")
+
+    def amp_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.options["amp"]))
+
+    def warm_up(self) -> None:
+        # TorchScript's profiling executor specialises on the first calls; pay that at start-up.
+        example = torch.zeros((1, *self.input_shape()))
+        for _ in range(2):
+            self.forward(self.collate([example[0]]))
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        dtype = self.amp_dtype()
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return self.model(batch).float()
+
+    # --- request bodies -------------------------------------------------------------------
+    def unpack(self, row: dict[str, Any]) -> tuple[list[Any], str | None]:
+        """A TorchServe request row -> (payloads, kserve protocol or None)."""
+        body = row.get("data")
+        if body is None:
+            body = row.get("body")
+        if isinstance(body, (bytes, bytearray)) and len(body) > self.options["max_bytes"]:
+            raise InputError("body_too_large",
+                             f"body is {len(body)} bytes; the limit is {self.options['max_bytes']}", 413)
+        if isinstance(body, dict):
+            if "instances" in body:
+                instances = body["instances"]
+                if not isinstance(instances, list) or not instances:
+                    raise InputError("bad_request", 'KServe v1 "instances" must be a non-empty list')
+                return [self.json_payload(x) for x in instances], "v1"
+            if "inputs" in body:
+                return self.kserve_v2_payloads(body["inputs"]), "v2"
+            return [self.json_payload(body)], None
+        if isinstance(body, list):
+            return [body], None
+        if isinstance(body, str):
+            stripped = body.strip()
+            if stripped.startswith(("{", "[")):
+                try:
+                    return self.unpack({"body": json.loads(stripped)})
+                except json.JSONDecodeError as e:
+                    raise InputError("bad_json", f"body is not valid JSON: {e}") from e
+            raise InputError("unsupported_format", f"got text; send {self.accepts}", 415)
+        if body is None:
+            raise InputError("empty_body", f"the request has no body; send {self.accepts}")
+        return [body], None
+
+    def json_payload(self, obj: Any) -> Any:
+        """A JSON object -> base64-decoded bytes or a tensor-like list."""
+        if isinstance(obj, dict):
+            for key in BASE64_KEYS:
+                if key in obj:
+                    value = obj[key]
+                    return self.b64decode(value) if isinstance(value, str) else value
+            raise InputError(
+                "bad_request_key",
+                f"JSON body has keys {sorted(obj)[:5]}; put base64 image bytes or a tensor under "
+                f"one of {list(BASE64_KEYS)}, or send KServe 'instances'/'inputs'",
+            )
+        if isinstance(obj, str):
+            return self.b64decode(obj)
+        return obj
+
+    def b64decode(self, text: str) -> bytes:
+        if len(text) > self.options["max_bytes"] * 4 // 3 + 4:
+            raise InputError("body_too_large", f"base64 payload exceeds {self.options['max_bytes']} bytes", 413)
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InputError("bad_base64", f"the payload is not valid base64: {e}") from e
+
+    def kserve_v2_payloads(self, inputs: Any) -> list[Any]:
+        if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
+            raise InputError("bad_request", 'KServe v2 "inputs" must be a list of {name, shape, datatype, data}')
+        first = inputs[0]
+        data = first.get("data")
+        if first.get("datatype") == "BYTES":
+            items = data if isinstance(data, list) else [data]
+            return [self.b64decode(x) if isinstance(x, str) else x for x in items]
+        shape = first.get("shape")
+        if not isinstance(shape, list) or not isinstance(data, list):
+            raise InputError("bad_request", 'KServe v2 tensor input needs "shape" and flat "data"')
+        try:
+            tensor = torch.tensor(data, dtype=torch.float64).reshape(shape)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise InputError("wrong_shape", f"KServe v2 data does not fit shape {shape}: {e}", 422) from e
+        if tensor.ndim == len(self.input_shape()):
+            tensor = tensor.unsqueeze(0)
+        return list(tensor)
+
+    def tensor_from_json(self, value: Any) -> torch.Tensor:
+        """A nested list (or tensor) that must already match the model input shape."""
+        if isinstance(value, (bytes, bytearray)):
+            raise InputError("unsupported_format", f"got binary data; this model takes {self.accepts}", 415)
+        if isinstance(value, torch.Tensor):
+            tensor = value
+        else:
+            try:
+                tensor = torch.tensor(value)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise InputError("wrong_dtype", f"tensor must be nested lists of numbers: {e}", 422) from e
+        if tensor.dtype == torch.bool or not (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32)):
+            raise InputError("wrong_dtype", f"tensor must hold numbers, got {tensor.dtype}", 422)
+        shape = self.input_shape()
+        if tuple(tensor.shape) == (1, *shape):
+            tensor = tensor[0]
+        if tuple(tensor.shape) != shape:
+            raise InputError("wrong_shape", f"tensor shape {list(tensor.shape)} != model input {list(shape)}", 422)
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise InputError("non_finite", "tensor holds NaN or infinite values", 422)
+        return tensor
+
+    # --- the batch ------------------------------------------------------------------------
+    def request_options(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
+        body = row.get("body") if row.get("data") is None else row.get("data")
+        opts: dict[str, Any] = {}
+        if isinstance(body, dict):
+            opts["logits"] = bool(body.get("return_logits", False))
+        flag = row.get("return_logits")
+        if isinstance(flag, (bytes, bytearray, str)):
+            opts["logits"] = (flag.decode() if isinstance(flag, (bytes, bytearray)) else flag).lower() == "true"
+        return opts
+
+    def is_describe(self, idx: int) -> bool:
+        value = self.context.get_request_header(idx, "describe") if self.context else None
+        return str(value).lower() == "true"
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
+        self.context = context
+        started = time.perf_counter()
+        responses: list[Any] = [None] * len(data)
+        protocols: list[str | None] = [None] * len(data)
+        counts: list[int] = [0] * len(data)
+        items: list[Item] = []
+        for idx, row in enumerate(data):
+            if self.is_describe(idx):
+                responses[idx] = self.describe()
+                continue
+            try:
+                payloads, protocols[idx] = self.unpack(row)
+                decoded = [self.decode(p) for p in payloads]
+            except InputError as e:
+                responses[idx] = self.reject(idx, e)
+                continue
+            except Exception as e:  # a decoder bug must not take the other requests down
+                logger.exception("unexpected error decoding request %d", idx)
+                responses[idx] = self.reject(idx, InputError("bad_input", f"could not read input: {e}", 400))
+                continue
+            counts[idx] = len(decoded)
+            items.extend(Item(idx, t) for t in decoded)
+        pre_ms = (time.perf_counter() - started) * 1000
+        if items:
+            self.run_batch(data, items, responses, protocols, counts, pre_ms)
+        return responses
+
+    def run_batch(self, data: list[dict[str, Any]], items: list[Item], responses: list[Any],
+                  protocols: list[str | None], counts: list[int], pre_ms: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            batch = self.collate([it.tensor for it in items])
+            t1 = time.perf_counter()
+            outputs = self.forward(batch).cpu()
+        except Exception as e:  # e.g. out of memory: answer every request in the batch, keep the worker
+            logger.exception("inference failed for a batch of %d", len(items))
+            for idx in {it.request for it in items}:
+                responses[idx] = self.reject(idx, InputError("inference_failed", f"inference failed: {e}", 500))
+            return
+        t2 = time.perf_counter()
+        per_request: dict[int, list[dict[str, Any]]] = {}
+        for it, out in zip(items, outputs):
+            opts = self.request_options(data[it.request], it.request)
+            per_request.setdefault(it.request, []).append(self.respond(out, opts))
+        for idx, results in per_request.items():
+            responses[idx] = self.envelope(results, protocols[idx])
+            self.context.set_response_content_type(idx, "application/json")
+        t3 = time.perf_counter()
+        self.record_metrics(pre_ms + (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000, len(items))
+
+    def envelope(self, results: list[dict[str, Any]], protocol: str | None) -> dict[str, Any]:
+        if protocol == "v1":
+            return {"predictions": results}
+        if protocol == "v2":
+            return {
+                "model_name": self.model_name,
+                "model_version": self.version,
+                "outputs": [{"name": "predictions", "datatype": "BYTES", "shape": [len(results)],
+                             "data": [json.dumps(r) for r in results]}],
+            }
+        return results[0]
+
+    def reject(self, idx: int, error: InputError) -> dict[str, Any]:
+        self.context.set_response_status(error.status, error.message, idx)
+        self.context.set_response_content_type(idx, "application/json")
+        self.record_rejection(error.code)
+        return error.body()
+
+    # --- metrics, describe ----------------------------------------------------------------
+    def record_metrics(self, pre_ms: float, infer_ms: float, post_ms: float, batch: int) -> None:
+        for name, value, unit in (("PreprocessMs", pre_ms, "ms"), ("InferenceMs", infer_ms, "ms"),
+                                  ("PostprocessMs", post_ms, "ms"), ("HandlerBatchSize", batch, "count")):
+            self.emit(name, round(value, 3), unit, MetricTypes.GAUGE)
+
+    def record_rejection(self, reason: str) -> None:
+        self.emit("RejectedInputs", 1, "count", MetricTypes.COUNTER, Dimension("Reason", reason))
+
+    def emit(self, name: str, value: float, unit: str, kind: MetricTypes, *extra: Dimension) -> None:
+        """Custom metrics; TorchServe drops any not declared in handlers/metrics.yaml."""
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is None:
+            return
+        dims = [Dimension("ModelName", self.model_name), Dimension("Level", "Model"), *extra]
+        metrics.add_metric(name, value, unit, None, dims, kind)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.meta
+        return {
+            "name": self.model_name,
+            "version": self.version,
+            "architecture": m.get("architecture"),
+            "variant": m.get("variant"),
+            "format": m.get("format"),
+            "device": str(self.device),
+            "input": {"accepts": self.accepts, "shape": list(self.input_shape()),
+                      "mean": m.get("mean"), "std": m.get("std"),
+                      "limits": {k: self.options[k] for k in ("max_bytes", "max_pixels")}},
+            "labels": m.get("labels"),
+            "metrics": m.get("metrics"),
+            "recipe": m.get("recipe"),
+            "parent": m.get("parent"),
+            "data": {k: m.get("data", {}).get(k) for k in ("fingerprint", "sizes")},
+            "git_commit": m.get("git_commit"),
+        }

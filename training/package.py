@@ -1,0 +1,99 @@
+"""What build_mar.sh needs from Python: stage an archive's inputs, and record its checksum.
+
+    python -m training.package stage MODEL_DIR STAGE_DIR [--config yaml] [--device auto|cpu|gpu]
+    python -m training.package record model_store/digits.mar MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from training import metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = "manifest.json"
+
+
+def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | None) -> dict[str, str]:
+    """Write OUT/model-config.yaml and OUT/extra/{metadata.json, handlers/}; return archive facts."""
+    meta = metadata.read(model_dir)
+    artifact = model_dir / meta["artifact"]
+    if not artifact.is_file():
+        raise FileNotFoundError(f"{artifact} not found; make it with: python -m training.export {model_dir}")
+    if not config.is_file():
+        raise FileNotFoundError(f"model config {config} not found; start from handlers/model-config.yaml")
+    cfg = yaml.safe_load(config.read_text()) or {}
+    if meta.get("cpu_only"):
+        if device == "gpu":
+            raise ValueError(f"variant {meta['variant']} is CPU-only (int8 kernels do not run on CUDA); "
+                             "build it with --device cpu or auto")
+        device = "cpu"
+        print(f"note: variant {meta['variant']} is CPU-only, packaged with deviceType: cpu", file=sys.stderr)
+    cfg["deviceType"] = "gpu" if device == "auto" else device
+    if version:
+        meta["version"] = version
+    extra = out / "extra"
+    (extra / "handlers").mkdir(parents=True)
+    for src in sorted((ROOT / "handlers").glob("*.py")):
+        shutil.copy2(src, extra / "handlers" / src.name)
+    metadata.write(extra, meta)
+    (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return {"name": meta["name"], "version": meta["version"], "artifact": str(artifact),
+            "device": cfg["deviceType"]}
+
+
+def record(mar: Path, model_dir: Path) -> dict[str, object]:
+    """Add the archive's sha256 to model_store/manifest.json (the deploy tool checks it)."""
+    meta = metadata.read(model_dir)
+    path = mar.parent / MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    entry = {
+        "sha256": metadata.sha256(mar),
+        "bytes": mar.stat().st_size,
+        "model": meta["name"],
+        "version": meta["version"],
+        "variant": meta["variant"],
+        "test_top1": meta["metrics"]["test"]["top1"],
+        "source": str(model_dir),
+        "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest[mar.name] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return entry
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("stage")
+    s.add_argument("model_dir", type=Path)
+    s.add_argument("out", type=Path)
+    s.add_argument("--config", type=Path, default=ROOT / "handlers" / "model-config.yaml")
+    s.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    s.add_argument("--version", default=None)
+    r = sub.add_parser("record")
+    r.add_argument("mar", type=Path)
+    r.add_argument("model_dir", type=Path)
+    args = ap.parse_args()
+    try:
+        if args.cmd == "stage":
+            facts = stage(args.model_dir, args.out, args.config, args.device, args.version)
+            print("\n".join(f"{k}={v}" for k, v in facts.items()))
+        else:
+            entry = record(args.mar, args.model_dir)
+            print(f"sha256 {entry['sha256']} recorded in {args.mar.parent / MANIFEST}")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

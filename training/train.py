@@ -1,0 +1,205 @@
+"""Train a torchvision classifier on the bundled digits (or an ImageFolder) and evaluate it.
+
+    python -m training.train --out artifacts/resnet18                       # resnet18 @ 224, digits
+    python -m training.train --arch mobilenet_v3_small --out artifacts/mnv3
+    python -m training.train --data-dir /path/to/imagefolder --out artifacts/mine
+
+Writes OUT/model.pth (a state_dict, loads with weights_only=True), OUT/metadata.json
+(the file that travels into the .mar) and OUT/eval/test/{report.json,confusion_matrix.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from handlers.imaging import Normalizer
+from handlers.loading import build_model
+from training import metadata
+from training.data import DataSpec, channel_stats, load_splits, loader
+from training.evaluate import classification_metrics, predict, summary, write_report
+
+
+class Augmented(Dataset):
+    """Small random affine jitter; draws from the global RNG, so a seed fixes it."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+        self.jitter = v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1))
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[i]
+        return self.jitter(image), label
+
+
+def bf16_autocast_helps(device: torch.device) -> bool:
+    """bf16 autocast pays off on GPUs with bf16 and on CPUs with AMX or AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    spec = DataSpec(
+        source=str(args.data_dir) if args.data_dir else "digits",
+        input_size=args.input_size,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+    )
+    splits = load_splits(spec)
+    mean, std = channel_stats(splits.train)
+    normalize = Normalizer(mean, std, device)
+    num_classes = len(splits.labels)
+    print(f"data: {spec.source} {splits.sizes}, {num_classes} classes, fingerprint {splits.fingerprint[:12]}")
+
+    model = build_model(args.arch, num_classes).to(device, memory_format=torch.channels_last)
+    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_autocast_helps(device))
+    train_loader = loader(Augmented(splits.train) if args.augment else splits.train,
+                          args.batch_size, shuffle=True, seed=args.seed)
+    steps = args.epochs * len(train_loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+    print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"input {args.input_size}, autocast {'bf16' if use_bf16 else 'off'}, channels_last, device {device}")
+
+    best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, -1, {})
+    history = []
+    started = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        seen, correct, loss_sum = 0, 0, 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, file=sys.stdout,
+                   disable=not args.progress)
+        for images, labels in bar:
+            x, y = normalize(images), labels.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr")
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        model.eval()
+        val_logits, val_labels = predict(model, splits.val, mean, std)
+        val_top1 = float((val_logits.argmax(1) == val_labels).float().mean())
+        history.append({"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 5),
+                        "train_top1": round(correct / seen, 5), "val_top1": round(val_top1, 5)})
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / seen:.4f} train {correct / seen:.4f} "
+              f"val {val_top1:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
+        if val_top1 >= best[0]:
+            best = (val_top1, epoch + 1, copy.deepcopy(model.state_dict()))
+    seconds = time.perf_counter() - started
+
+    model.load_state_dict(best[2])
+    model.eval()
+    cpu_state = {k: v.cpu() for k, v in best[2].items()}
+    test_logits, test_labels = predict(model, splits.test, mean, std)
+    result = classification_metrics(test_logits.cpu(), test_labels, splits.labels)
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(cpu_state, out / metadata.STATE_DICT_FILE)
+    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta = {
+        "name": args.name,
+        "version": args.version,
+        "architecture": args.arch,
+        "num_classes": num_classes,
+        "input_size": args.input_size,
+        "mean": mean,
+        "std": std,
+        "labels": splits.labels,
+        "variant": "fp32",
+        "recipe": {"technique": "train", "args": train_args},
+        "format": "state_dict",
+        "artifact": metadata.STATE_DICT_FILE,
+        "checkpoint": metadata.STATE_DICT_FILE,
+        "cpu_only": False,
+        "parent": None,
+        "data": {"spec": asdict(spec), "fingerprint": splits.fingerprint, "sizes": splits.sizes},
+        "training": {
+            "best_epoch": best[1],
+            "seconds": round(seconds, 1),
+            "autocast": "bf16" if use_bf16 else "off",
+            "torch": torch.__version__,
+            "history": history,
+        },
+        "git_commit": metadata.git_commit(),
+        "metrics": {"test": summary(result), "val": {"top1": round(best[0], 6)}},
+    }
+    metadata.write(out, meta)
+    title = f"{args.arch} fp32 - test top-1 {100 * result['top1']:.2f}%"
+    write_report(out / "eval" / "test", result, splits.labels, title)
+    return meta
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
+    ap.add_argument("--arch", default="resnet18", help="torchvision model name (default resnet18)")
+    ap.add_argument("--data-dir", type=Path, default=None, help="ImageFolder root; default: bundled digits")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--no-augment", dest="augment", action="store_false")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-fraction", type=float, default=0.15)
+    ap.add_argument("--test-fraction", type=float, default=0.15)
+    ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                    help="bf16 autocast; auto enables it where the hardware has bf16 units")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--name", default="digits", help="model name used for serving")
+    ap.add_argument("--version", default="1.0", help="model version recorded in metadata")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        if not args.overwrite:
+            sys.exit(f"error: {args.out} already holds a checkpoint; pass --overwrite to replace it "
+                     "or choose another --out")
+        shutil.rmtree(args.out)
+    meta = train(args)
+    print(json.dumps(meta["metrics"], indent=2))
+    print(f"checkpoint: {args.out}/{metadata.STATE_DICT_FILE}, metadata: {args.out}/{metadata.METADATA_FILE}")
+
+
+if __name__ == "__main__":
+    main()
