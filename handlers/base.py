@@ -273,7 +273,7 @@ class ModelHandler(BaseHandler):
             return
         t2 = time.perf_counter()
         per_request: dict[int, list[dict[str, Any]]] = {}
-        for it, out in zip(items, outputs):
+        for it, out in zip(items, outputs, strict=True):
             opts = self.request_options(data[it.request], it.request)
             per_request.setdefault(it.request, []).append(self.respond(out, opts))
         for idx, results in per_request.items():

@@ -41,9 +41,10 @@ class ImageClassifier(ModelHandler):
         probs = torch.softmax(output, dim=0)
         k = min(int(self.options["topk"]), len(self.labels))
         top = torch.topk(probs, k)
+        pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
         result: dict[str, Any] = {
             "label": self.labels[int(top.indices[0])],
-            "probabilities": {self.labels[int(i)]: round(float(p), 6) for p, i in zip(top.values, top.indices)},
+            "probabilities": {self.labels[i]: round(p, 6) for i, p in pairs},
             "model": {"name": self.model_name, "version": self.version, "variant": self.meta["variant"]},
         }
         if options.get("logits"):

@@ -144,7 +144,7 @@ def load_splits(spec: DataSpec) -> Splits:
     paths, labels, classes = _scan_folder(root)
     tr, va, te = _split_indices(labels, spec)
     h = hashlib.sha256(b"imagefolder")
-    for p, y in zip(paths, labels):
+    for p, y in zip(paths, labels, strict=True):
         h.update(f"{p.relative_to(root)}:{y}:".encode())
         h.update(hashlib.sha256(p.read_bytes()).digest())
 

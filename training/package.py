@@ -62,7 +62,7 @@ def record(mar: Path, model_dir: Path) -> dict[str, object]:
         "variant": meta["variant"],
         "test_top1": meta["metrics"]["test"]["top1"],
         "source": str(model_dir),
-        "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     manifest[mar.name] = entry
     tmp = path.with_suffix(".tmp")

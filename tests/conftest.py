@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny model trained once per session, archives built from it, and real TorchServe."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.torchserve import TorchServe  # noqa: E402
+from training import export, metadata, train  # noqa: E402
+from training.data import Splits  # noqa: E402
+from training.evaluate import splits_for  # noqa: E402
+
+TINY_SIZE = 32  # resnet18 at 32x32 trains to ~97% on the digits in ~15 s on 2 cores
+TINY_ARGS = ["--input-size", str(TINY_SIZE), "--epochs", "3", "--no-progress"]
+
+
+def train_tiny(out: Path, *extra: str) -> Path:
+    train.main(["--out", str(out), *TINY_ARGS, *extra])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet18 @ 32px, trained and exported to frozen TorchScript."""
+    out = train_tiny(tmp_path_factory.mktemp("models") / "tiny")
+    export.export_dir(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_meta(tiny_model: Path) -> dict:
+    return metadata.read(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(tiny_meta: dict) -> Splits:
+    return splits_for(tiny_meta)
+
+
+def build_mar(model_dir: Path, store: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real build_mar.sh, as a user would."""
+    result = subprocess.run(["bash", str(ROOT / "build_mar.sh"), str(model_dir), "--store", str(store), *args],
+                            capture_output=True, text=True, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"build_mar.sh failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def model_store(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    build_mar(tiny_model, store)
+    return store
+
+
+@contextlib.contextmanager
+def serve(store: Path, workdir: Path, models: list[str], overrides: dict[str, str] | None = None,
+          allow_worker_deaths: bool = False, snapshot: bool = False) -> Iterator[TorchServe]:
+    """Real TorchServe on free loopback ports; always stopped. Fails if a worker died, with the log tail."""
+    ts = TorchServe(workdir, store, overrides, snapshot=snapshot)
+    try:
+        ts.start(wait_for=models)
+        yield ts
+        deaths = ts.worker_deaths()
+        if deaths and not allow_worker_deaths:
+            pytest.fail(f"a TorchServe worker died during the test: {deaths[:3]}\n{ts.log_tail()}")
+    except BaseException:
+        print(ts.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        ts.stop()
