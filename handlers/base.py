@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "max_pixels": 40_000_000,  # declared width x height, checked before decoding
     "compile": False,  # torch.compile the model (eager/state_dict artifacts only)
     "amp": "none",  # "bf16" | "fp16" autocast on GPU
+    "gpu_decode": False,  # nvjpeg JPEG decoding on GPU workers
 }
 BASE64_KEYS = ("data", "image", "b64")
 
@@ -90,7 +91,21 @@ class ModelHandler(BaseHandler):
         return torch.stack(tensors).to(self.device)
 
     def respond(self, output: torch.Tensor, options: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """One output row -> top-k labels with probabilities (and raw logits when asked)."""
+        labels: list[str] = self.meta["labels"]
+        top = torch.topk(torch.softmax(output, dim=0), min(int(self.options["topk"]), len(labels)))
+        pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        result: dict[str, Any] = {
+            "label": labels[int(top.indices[0])],
+            "probabilities": {labels[i]: round(p, 6) for i, p in pairs},
+            "model": self.model_card_ref(),
+        }
+        if options.get("logits"):
+            result["logits"] = [round(float(x), 6) for x in output]
+        return result
+
+    def model_card_ref(self) -> dict[str, str]:
+        return {"name": self.model_name, "version": self.version, "variant": self.meta["variant"]}
 
     # --- device, warm-up ------------------------------------------------------------------
     def pick_device(self, gpu_id: int | None) -> torch.device:
@@ -228,8 +243,11 @@ class ModelHandler(BaseHandler):
         return opts
 
     def is_describe(self, idx: int) -> bool:
-        value = self.context.get_request_header(idx, "describe") if self.context else None
-        return str(value).lower() == "true"
+        """TorchServe's describe call (management `?customized=true`) or a `describe: true` request header."""
+        if not self.context or not self.context.request_processor:
+            return False
+        headers = self.context.get_all_request_header(idx) or {}
+        return any(k.lower() == "describe" and str(v).lower() == "true" for k, v in headers.items())
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         self.context = context
@@ -302,9 +320,9 @@ class ModelHandler(BaseHandler):
 
     # --- metrics, describe ----------------------------------------------------------------
     def record_metrics(self, pre_ms: float, infer_ms: float, post_ms: float, batch: int) -> None:
-        for name, value, unit in (("PreprocessMs", pre_ms, "ms"), ("InferenceMs", infer_ms, "ms"),
-                                  ("PostprocessMs", post_ms, "ms"), ("HandlerBatchSize", batch, "count")):
-            self.emit(name, round(value, 3), unit, MetricTypes.GAUGE)
+        for name, value in (("PreprocessMs", pre_ms), ("InferenceMs", infer_ms), ("PostprocessMs", post_ms)):
+            self.emit(name, round(value, 3), "ms", MetricTypes.GAUGE)
+        self.emit("HandlerBatchSize", batch, "count", MetricTypes.HISTOGRAM)
 
     def record_rejection(self, reason: str) -> None:
         self.emit("RejectedInputs", 1, "count", MetricTypes.COUNTER, Dimension("Reason", reason))

@@ -23,6 +23,15 @@ TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
 PIL_FORMATS = {"BMP"}
 SUPPORTED = ", ".join(sorted(TORCHVISION_FORMATS | PIL_FORMATS))
 DEFAULT_MAX_PIXELS = 40_000_000
+MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP"}
+
+
+def sniff(data: bytes | bytearray) -> str | None:
+    """The format a body claims by its first bytes, even when it is too damaged to open."""
+    head = bytes(data[:12])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in MAGIC.items() if head.startswith(magic)), None)
 
 
 def probe_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
@@ -39,6 +48,9 @@ def probe_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) -
             "too_many_pixels", f"image declares too many pixels ({e}); the limit is {max_pixels}", 413
         ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        claimed = sniff(data)
+        if claimed:
+            raise InputError("corrupt_image", f"the {claimed} image is truncated or corrupt: {e}") from e
         raise InputError(
             "unsupported_format", f"the body is not a readable image; supported formats: {SUPPORTED}", 415
         ) from e
@@ -72,9 +84,17 @@ def decode_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) 
         ) from e
 
 
-def resize_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """uint8 [3, h, w] images of any sizes -> one uint8 batch [N, 3, size, size]."""
-    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+def decode_jpegs_on(device: torch.device, blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Batch-decode JPEG bytes with nvjpeg on a CUDA device (uint8 [3, H, W] each, on that device)."""
+    from torchvision.io import decode_jpeg
+
+    with known_deprecations():
+        return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+
+
+def resize_batch(images: list[torch.Tensor], size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [3, h, w] images of any sizes -> one uint8 batch [N, 3, size, size] on `device`."""
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
     for i, image in enumerate(images):
         if image.shape[-2:] == (size, size):
             out[i] = image
@@ -94,7 +114,7 @@ class Normalizer:
         self.device = torch.device(device)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         x = batch.to(self.device, torch.float32)
         return torch.addcmul(self.shift, x, self.scale).contiguous(memory_format=torch.channels_last)

@@ -39,8 +39,9 @@ class TorchServe:
     """One TorchServe instance in its own work directory, configured from the repo's config.properties."""
 
     def __init__(self, workdir: Path, model_store: Path, overrides: dict[str, str] | None = None,
-                 snapshot: bool = False) -> None:
+                 snapshot: bool = False, env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.env = env or {}  # extra environment for the frontend and, through it, the workers
         self.model_store = Path(model_store)
         self.snapshot = snapshot
         self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
@@ -65,7 +66,7 @@ class TorchServe:
         key_file = self.workdir / "key_file.json"
         key_file.unlink(missing_ok=True)
         env = {**os.environ, "LOG_LOCATION": str(self.workdir / "logs"),
-               "METRICS_LOCATION": str(self.workdir / "logs"), "PYTHONPATH": ""}
+               "METRICS_LOCATION": str(self.workdir / "logs"), "PYTHONPATH": "", **self.env}
         cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground",
                "--ts-config", "config.properties", "--model-store", str(self.model_store)]
         if not self.snapshot:

@@ -17,7 +17,8 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from handlers.imaging import Normalizer
-from handlers.loading import build_model
+from handlers.loading import architectures, build_model
 from training import metadata
-from training.data import DataSpec, channel_stats, load_splits, loader
+from training.data import DataSpec, Splits, channel_stats, load_splits, loader
 from training.evaluate import classification_metrics, predict, summary, write_report
 
 
@@ -61,45 +62,65 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    seed_everything(args.seed)
-    device = torch.device(args.device)
-    spec = DataSpec(
-        source=str(args.data_dir) if args.data_dir else "digits",
-        input_size=args.input_size,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-    )
-    splits = load_splits(spec)
-    mean, std = channel_stats(splits.train)
+@dataclass
+class FitConfig:
+    """The knobs of one training run; shared by training, pruning fine-tunes and distillation."""
+
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    augment: bool = True
+    seed: int = 0
+    use_bf16: bool = False
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    best_val: float
+    best_epoch: int
+    history: list[dict[str, float]]
+    seconds: float
+
+
+# loss(normalized inputs, float32 logits, labels, *extra batch fields) -> scalar; distillation swaps this.
+LossFn = Callable[..., torch.Tensor]
+
+
+def fit(model: torch.nn.Module, splits: Splits, mean: list[float], std: list[float], cfg: FitConfig,
+        device: torch.device, loss_fn: LossFn | None = None, desc: str = "epoch",
+        wrap_train: Callable[[Dataset], Dataset] | None = None) -> FitResult:
+    """AdamW + one-cycle on the training split; keeps (and loads back) the weights with the best val top-1.
+
+    `wrap_train` may wrap the (augmented) training set to yield extra fields after the label; they are
+    passed on to `loss_fn` (distillation uses it to look up cached teacher logits by index).
+    """
     normalize = Normalizer(mean, std, device)
-    num_classes = len(splits.labels)
-    print(f"data: {spec.source} {splits.sizes}, {num_classes} classes, fingerprint {splits.fingerprint[:12]}")
+    if loss_fn is None:
+        def loss_fn(_x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, *_extra: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
 
-    model = build_model(args.arch, num_classes).to(device, memory_format=torch.channels_last)
-    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_autocast_helps(device))
-    train_loader = loader(Augmented(splits.train) if args.augment else splits.train,
-                          args.batch_size, shuffle=True, seed=args.seed)
-    steps = args.epochs * len(train_loader)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
-    print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"input {args.input_size}, autocast {'bf16' if use_bf16 else 'off'}, channels_last, device {device}")
-
+    train_set = Augmented(splits.train) if cfg.augment else splits.train
+    train_loader = loader(wrap_train(train_set) if wrap_train else train_set, cfg.batch_size, shuffle=True,
+                          seed=cfg.seed)
+    steps = cfg.epochs * len(train_loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
     best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, -1, {})
     history = []
     started = time.perf_counter()
-    for epoch in range(args.epochs):
+    for epoch in range(cfg.epochs):
         model.train()
         seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, file=sys.stdout,
-                   disable=not args.progress)
-        for images, labels in bar:
+        bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stdout,
+                   disable=not cfg.progress)
+        for images, labels, *extra in bar:
             x, y = normalize(images), labels.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.use_bf16):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            loss = loss_fn(x, logits.float(), y, *(e.to(device) for e in extra))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -115,14 +136,41 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         val_top1 = float((val_logits.argmax(1) == val_labels).float().mean())
         history.append({"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 5),
                         "train_top1": round(correct / seen, 5), "val_top1": round(val_top1, 5)})
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / seen:.4f} train {correct / seen:.4f} "
+        print(f"{desc} {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.4f} train {correct / seen:.4f} "
               f"val {val_top1:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
         if val_top1 >= best[0]:
             best = (val_top1, epoch + 1, copy.deepcopy(model.state_dict()))
-    seconds = time.perf_counter() - started
-
     model.load_state_dict(best[2])
     model.eval()
+    return FitResult(best[0], best[1], history, time.perf_counter() - started)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    spec = DataSpec(
+        source=str(args.data_dir) if args.data_dir else "digits",
+        input_size=args.input_size,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+    )
+    splits = load_splits(spec)
+    mean, std = channel_stats(splits.train)
+    num_classes = len(splits.labels)
+    print(f"data: {spec.source} {splits.sizes}, {num_classes} classes, fingerprint {splits.fingerprint[:12]}")
+
+    model = build_model(args.arch, num_classes).to(device, memory_format=torch.channels_last)
+    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_autocast_helps(device))
+    print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"input {args.input_size}, autocast {'bf16' if use_bf16 else 'off'}, channels_last, device {device}")
+    cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                    label_smoothing=args.label_smoothing, augment=args.augment, seed=args.seed,
+                    use_bf16=use_bf16, progress=args.progress)
+    fitted = fit(model, splits, mean, std, cfg, device)
+    best = (fitted.best_val, fitted.best_epoch, model.state_dict())
+    history, seconds = fitted.history, fitted.seconds
+
     cpu_state = {k: v.cpu() for k, v in best[2].items()}
     test_logits, test_labels = predict(model, splits.test, mean, std)
     result = classification_metrics(test_logits.cpu(), test_labels, splits.labels)
@@ -191,6 +239,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.arch not in architectures():
+        sys.exit(f"error: unknown architecture {args.arch!r}; choose a torchvision classification model "
+                 "such as resnet18, mobilenet_v3_small or resnet50")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        sys.exit(f"error: --data-dir {args.data_dir} does not exist; pass an ImageFolder root "
+                 "(one sub-folder per class)")
     if args.out.exists() and any(args.out.iterdir()):
         if not args.overwrite:
             sys.exit(f"error: {args.out} already holds a checkpoint; pass --overwrite to replace it "

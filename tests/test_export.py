@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from handlers.loading import build_model, load_state_dict
+from tests.conftest import ROOT
+from training import export, metadata
+
+
+def test_export_records_parity_within_tolerance(tiny_meta: dict) -> None:
+    parity = tiny_meta["export"]["parity"]
+    assert tiny_meta["format"] == "torchscript" and tiny_meta["artifact"] == metadata.TORCHSCRIPT_FILE
+    assert parity["images"] == 270 and parity["top1_agreement"] == 1.0
+    assert parity["max_abs_diff"] <= parity["atol"]
+
+
+def test_torchscript_loads_without_the_python_model_class(tiny_model: Path, tiny_splits) -> None:
+    """A fresh interpreter that never imports torchvision or our code runs the artifact."""
+    image = tiny_splits.test[0][0].float().unsqueeze(0) / 255
+    torch.save(image, tiny_model.parent / "probe.pt")
+    code = (
+        "import sys, warnings, torch\n"
+        "warnings.simplefilter('ignore')\n"
+        f"m = torch.jit.load({str(tiny_model / 'model.pt')!r})\n"
+        f"x = torch.load({str(tiny_model.parent / 'probe.pt')!r})\n"
+        "print(tuple(m(x).shape))\n"
+        "assert 'torchvision' not in sys.modules and 'training' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 10)"
+
+
+def test_parity_check_fails_loudly_on_a_mismatch(tiny_model: Path, tiny_meta: dict, tiny_splits) -> None:
+    eager = build_model(tiny_meta["architecture"], tiny_meta["num_classes"])
+    eager.load_state_dict(load_state_dict(tiny_model / tiny_meta["checkpoint"]))
+    eager.eval()
+    wrong = export.to_torchscript(eager, tiny_meta["input_size"])
+    with torch.no_grad():
+        eager.fc.bias += 0.5  # eager now disagrees with the exported copy
+    with pytest.raises(export.ParityError, match="does not match eager"):
+        export.check_parity(eager, wrong, tiny_splits.test, tiny_meta)
+
+
+def test_export_cli_names_the_missing_checkpoint(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "training.export", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert "metadata.json not found" in result.stderr and "python -m training.train" in result.stderr
