@@ -71,7 +71,8 @@ if [[ -e "$MAR" ]]; then
   echo "overwriting $MAR (--force)"
 fi
 
-torch-model-archiver \
+# The archiver stages files in $TMPDIR/<model-name>; a private TMPDIR keeps parallel builds apart.
+TMPDIR="$STAGE" torch-model-archiver \
   --model-name "$NAME" \
   --version "$VERSION" \
   --serialized-file "$(fact artifact)" \

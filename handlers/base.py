@@ -122,10 +122,12 @@ class ModelHandler(BaseHandler):
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.options["amp"]))
 
     def warm_up(self) -> None:
-        # TorchScript's profiling executor specialises on the first calls; pay that at start-up.
-        example = torch.zeros((1, *self.input_shape()))
-        for _ in range(2):
-            self.forward(self.collate([example[0]]))
+        # TorchScript's profiling executor specialises on the first calls at each batch shape;
+        # pay that at start-up for the smallest and the largest batch the frontend will send.
+        example = torch.zeros(self.input_shape())
+        for size in sorted({1, self.batch_size}):
+            for _ in range(2):
+                self.forward(self.collate([example] * size))
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:

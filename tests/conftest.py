@@ -22,6 +22,12 @@ TINY_SIZE = 32  # resnet18 at 32x32 trains to ~97% on the digits in ~15 s on 2 c
 TINY_ARGS = ["--input-size", str(TINY_SIZE), "--epochs", "3", "--no-progress"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # tests/test_reliability.py: the CI form is the default; longer soaks by flag.
+    parser.addoption("--soak-seconds", type=float, default=120, help="soak duration at ~80%% of max (default 120)")
+    parser.addoption("--figures-out", type=Path, default=None, help="write the reliability figures as JSON here")
+
+
 def train_tiny(out: Path, *extra: str) -> Path:
     train.main(["--out", str(out), *TINY_ARGS, *extra])
     return out

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -115,14 +118,16 @@ def test_logits_on_request_and_describe(handler, tiny_splits, tiny_meta) -> None
     assert card["input"]["shape"] == [3, tiny_meta["input_size"], tiny_meta["input_size"]]
 
 
-def test_custom_metrics_are_recorded(handler, tiny_splits) -> None:
+def test_custom_metrics_are_emitted(handler, tiny_splits, caplog: pytest.LogCaptureFixture) -> None:
     h, ctx = handler
     good = bytearray(encode_png(tiny_splits.test[0][0]).numpy().tobytes())
-    call(h, ctx, [{"body": good}, {"body": b""}, {"body": good}])
-    names = {key.split("-")[1] if "-" in key else key for key in map(str, ctx.metrics.cache.keys())}
-    joined = " ".join(map(str, ctx.metrics.cache.keys()))
-    for metric in ("PreprocessMs", "InferenceMs", "PostprocessMs", "HandlerBatchSize", "RejectedInputs"):
-        assert metric in joined, names
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        call(h, ctx, [{"body": good}, {"body": b""}, {"body": good}])
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "ts.metrics.caching_metric")
+    for metric in ("PreprocessMs", "InferenceMs", "PostprocessMs"):
+        assert re.search(rf"\[METRICS\]{metric}\.\w+:[0-9.]+\|#ModelName:digits", text), text
+    assert re.search(r"\[METRICS\]HandlerBatchSize\.\w+:2\|", text), text
+    assert re.search(r"\[METRICS\]RejectedInputs\.\w+:1\|#ModelName:digits,Level:Model,Reason:empty_body", text), text
 
 
 @pytest.mark.gpu
@@ -140,3 +145,32 @@ def test_gpu_worker_matches_cpu(model_dir: Path, handler, tiny_splits, options: 
     gpu_labels = [b["label"] for s, b in call(h, ctx, rows) if s == 200]
     cpu_labels = [b["label"] for s, b in call(cpu, cpu_ctx, rows) if s == 200]
     assert len(gpu_labels) == 16 and sum(a == b for a, b in zip(gpu_labels, cpu_labels, strict=True)) >= 15
+
+
+def test_state_dict_and_exported_program_artifacts_serve_the_same_labels(model_dir: Path, tiny_model: Path,
+                                                                         tiny_meta: dict, tiny_splits,
+                                                                         tmp_path: Path) -> None:
+    """The base loads TorchScript, a torch.export program (.pt2) or a state_dict + architecture."""
+    rows = [{"body": bytearray(encode_png(tiny_splits.test[i][0]).numpy().tobytes())} for i in range(12)]
+    eager = build_model(tiny_meta["architecture"], tiny_meta["num_classes"])
+    eager.load_state_dict(load_state_dict(tiny_model / tiny_meta["checkpoint"]))
+    eager.eval()
+    example = torch.zeros(2, 3, tiny_meta["input_size"], tiny_meta["input_size"])
+    program = torch.export.export(eager, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    labels = {}
+    for fmt, artifact in (("torchscript", "model.pt"), ("state_dict", "model.pth"), ("export", "model.pt2")):
+        variant_dir = tmp_path / fmt
+        shutil.copytree(model_dir, variant_dir)
+        if fmt == "state_dict":
+            shutil.copy(tiny_model / "model.pth", variant_dir / "model.pth")
+        if fmt == "export":
+            torch.export.save(program, str(variant_dir / "model.pt2"))
+        meta = json.loads((variant_dir / "metadata.json").read_text())
+        meta.update(format=fmt, artifact=artifact)
+        (variant_dir / "metadata.json").write_text(json.dumps(meta))
+        h = ImageClassifier()
+        ctx = make_context(variant_dir)
+        h.initialize(ctx)
+        labels[fmt] = [body["label"] for _, body in call(h, ctx, rows)]
+    assert labels["torchscript"] == labels["state_dict"] == labels["export"]
+    assert len(labels["export"]) == 12

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +24,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group_alive(group: int) -> bool:
+    """Any live (non-zombie) process in process group `group`."""
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -50,8 +62,12 @@ class TorchServe:
             "inference_address": f"http://127.0.0.1:{self.ports['inference']}",
             "management_address": f"http://127.0.0.1:{self.ports['management']}",
             "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
+            # gRPC (loopback by default) would take 7070/7071, and a second server failing to bind them stops itself.
+            "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
             "model_store": str(self.model_store),
             "metrics_config": str(ROOT / "handlers" / "metrics.yaml"),
+            # Worker sockets live in java.io.tmpdir as .ts.sock.<port>: private per instance.
+            "vmargs": f"-Djava.io.tmpdir={self.workdir / 'tmp'}",
         })
         props.update(overrides or {})
         self.props = props
@@ -65,10 +81,19 @@ class TorchServe:
         (self.workdir / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in self.props.items()))
         key_file = self.workdir / "key_file.json"
         key_file.unlink(missing_ok=True)
-        env = {**os.environ, "LOG_LOCATION": str(self.workdir / "logs"),
+        # TorchServe's launcher keeps one pid file in TMPDIR and refuses to start a second server beside it:
+        # a TMPDIR per work directory lets several test servers (and parallel test runs) coexist.
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        # TEMP becomes Java's tmpdir, where the worker sockets (.ts.sock.9000, ...) live: one set per server.
+        tmp = str(self.workdir / "tmp")
+        env = {**os.environ, "TMPDIR": tmp, "TEMP": tmp, "LOG_LOCATION": str(self.workdir / "logs"),
                "METRICS_LOCATION": str(self.workdir / "logs"), "PYTHONPATH": "", **self.env}
+        config = "config.properties"
+        snapshots = sorted((self.workdir / "logs" / "config").glob("*-snapshot.cfg"))
+        if self.snapshot and snapshots:  # restore the last snapshot, as `torchserve --ts-config SNAPSHOT` does
+            config = str(snapshots[-1])
         cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground",
-               "--ts-config", "config.properties", "--model-store", str(self.model_store)]
+               "--ts-config", config, "--model-store", str(self.model_store)]
         if not self.snapshot:
             cmd.append("--ncs")
         self.log = open(self.workdir / "stdout.log", "ab")
@@ -86,15 +111,21 @@ class TorchServe:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+        if self.proc is not None:
+            group = self.proc.pid
+            if self.proc.poll() is None:
                 try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    os.killpg(group, signal.SIGTERM)
+                    self.proc.wait(timeout=30)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
+            # The launcher exits before Java and the workers: wait for the whole group, so that a restart on the
+            # same work directory finds no server still running there.
+            deadline = time.monotonic() + 30
+            while group_alive(group) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if group_alive(group):
+                os.killpg(group, signal.SIGKILL)
         self.proc = None
         self.session.close()
 
@@ -136,8 +167,8 @@ class TorchServe:
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         headers = {**self.auth("inference"), **kwargs.pop("headers", {})}
         if isinstance(body, (dict, list)):
-            return self.session.post(self.url("inference", path), json=body, headers=headers, timeout=timeout,
-                                     **kwargs)
+            # json.dumps, not requests' json=: the corpus sends NaN on purpose, which requests refuses to encode.
+            body, content_type = json.dumps(body), "application/json"
         headers["Content-Type"] = content_type
         return self.session.post(self.url("inference", path), data=body, headers=headers, timeout=timeout,
                                  **kwargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from training import metadata
+from training import golden, metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
@@ -44,6 +44,8 @@ def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | 
     for src in sorted((ROOT / "handlers").glob("*.py")):
         shutil.copy2(src, extra / "handlers" / src.name)
     metadata.write(extra, meta)
+    if "data" in meta:  # image models trained here: held-out images + build-time accuracy, for the canary
+        golden.write(model_dir, extra)
     (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return {"name": meta["name"], "version": meta["version"], "artifact": str(artifact),
             "device": cfg["deviceType"]}

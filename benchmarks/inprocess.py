@@ -1,0 +1,137 @@
+"""The in-process ceiling: this project's handler called directly, no TorchServe, no HTTP.
+
+    python -m benchmarks.inprocess artifacts/resnet18 [--variants artifacts/resnet18/variants] [--quick]
+
+For each variant, at batch 1 and 8: images/s of `ImageClassifier.handle` on JPEG bodies (decode,
+resize, normalize, forward, respond: the served path minus TorchServe) and of `forward` alone on
+an already-normalized batch. Medians of repeated timings at a fixed torch thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.context import Context, RequestProcessor
+
+from handlers.image_classifier import ImageClassifier
+from training import metadata
+
+BATCHES = (1, 8)
+
+
+def make_context(model_dir: Path, name: str, batch_size: int, config: dict[str, Any], gpu: bool) -> Context:
+    """TorchServe's own Context class, filled in as its worker fills it for this model."""
+    manifest = {"model": {"modelName": name, "modelVersion": "bench"}}
+    return Context(name, str(model_dir), manifest, batch_size, 0 if gpu else None, "bench",
+                   model_yaml_config=config)
+
+
+def call(handler: ImageClassifier, ctx: Context, rows: list[dict[str, Any]]) -> list[int]:
+    """One batch through handler.handle, with per-request processors as TorchServe's service sets them;
+    returns the response status of each request."""
+    ctx.request_processor = [RequestProcessor({"Content-Type": "image/jpeg"}) for _ in rows]
+    handler.handle(rows, ctx)
+    return [rp.get_response_status_code() for rp in ctx.request_processor]
+
+
+def load_handler(model_dir: Path, name: str = "bench", batch_size: int = 8, options: dict[str, Any] | None = None,
+                 gpu: bool = False) -> tuple[ImageClassifier, Context]:
+    handler = ImageClassifier()
+    ctx = make_context(model_dir, name, batch_size, {"handler": options or {}}, gpu)
+    handler.initialize(ctx)
+    return handler, ctx
+
+
+def median_seconds(fn: Callable[[], object], min_time: float, min_reps: int = 5, max_reps: int = 500) -> float:
+    """Median wall time of fn() after two warm-up calls; repeats for at least min_time seconds."""
+    for _ in range(2):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_variant(model_dir: Path, bodies: list[bytes], min_time: float, options: dict[str, Any] | None = None,
+                    gpu: bool = False, batches: list[int] | tuple[int, ...] = BATCHES) -> list[dict[str, Any]]:
+    """Rows {variant, batch, decode, ms_per_batch, images_per_s} for one model directory."""
+    handler, ctx = load_handler(model_dir, options=options, gpu=gpu)
+    variant = handler.meta["variant"]
+    statuses: set[int] = set()
+    rows = []
+    for batch in batches:
+        requests = [{"body": bodies[i % len(bodies)]} for i in range(batch)]
+        tensors = torch.stack([handler.decode(r["body"]) for r in requests])
+        normalized = handler.collate(list(tensors))
+
+        def with_decode(requests: list[dict[str, Any]] = requests) -> None:
+            statuses.update(call(handler, ctx, requests))
+
+        def model_only(x: torch.Tensor = normalized) -> None:
+            out = handler.forward(x)
+            if out.is_cuda:
+                torch.cuda.synchronize()
+
+        for decode, fn in ((True, with_decode), (False, model_only)):
+            secs = median_seconds(fn, min_time)
+            rows.append({"variant": variant, "dir": str(model_dir), "batch": batch, "decode": decode,
+                         "ms_per_batch": round(secs * 1000, 3), "images_per_s": round(batch / secs, 2)})
+    if statuses != {200}:
+        raise RuntimeError(f"the handler answered benchmark inputs with statuses {sorted(statuses)}")
+    return rows
+
+
+def model_dirs(model_dir: Path, variants_dir: Path | None, only: list[str] | None = None) -> list[Path]:
+    """fp32 first, then every variant under variants_dir (default MODEL/variants) that has metadata and
+    its artifact, one directory per variant name. training.optimize writes its own variants/fp32 (the
+    TorchScript export of the parent); when present it stands for fp32, else the parent does."""
+    found: dict[str, Path] = {}
+    parent = variants_dir if variants_dir is not None else model_dir / "variants"
+    if parent.is_dir():
+        for d in sorted(parent.iterdir()):
+            meta_file = d / metadata.METADATA_FILE
+            if meta_file.is_file():
+                meta = json.loads(meta_file.read_text())
+                if (d / meta["artifact"]).is_file():
+                    found.setdefault(meta["variant"], d)
+    if "fp32" not in found:
+        found["fp32"] = model_dir
+    names = ["fp32", *sorted(n for n in found if n != "fp32")]
+    if only:
+        missing = sorted(set(only) - set(found))
+        if missing:
+            raise ValueError(f"variants {missing} not found; available: {', '.join(names)}")
+        names = [n for n in names if n in only]
+    return [found[n] for n in names]
+
+
+def main() -> None:
+    from benchmarks.inputs import digits
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--variants", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bodies = digits(args.model_dir, Path(tmp), limit=16).bodies()
+    print(f"torch threads: {torch.get_num_threads()}")
+    for d in model_dirs(args.model_dir, args.variants):
+        for row in measure_variant(d, bodies, 0.5 if args.quick else 3.0):
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

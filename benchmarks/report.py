@@ -1,0 +1,157 @@
+"""Write a benchmark run as JSON (every figure), Markdown (tables with ratios) and a PNG.
+
+    python -m benchmarks.report benchmarks/results/report.json     # re-render report.md and the PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PLOT = "throughput_vs_p99.png"
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def handler_ms(m: dict[str, Any]) -> str:
+    """Stock reports HandlerTime; ours reports its own stages (and the batch size they covered)."""
+    if "last_HandlerTime" in m:
+        return fmt(m["last_HandlerTime"])
+    stages = [m.get(f"last_{k}") for k in ("PreprocessMs", "InferenceMs", "PostprocessMs")]
+    if None in stages:
+        return "-"
+    batch = m.get("mean_batch", m.get("last_HandlerBatchSize"))
+    return f"{sum(stages):.1f}" + (f" (mean batch {batch:.1f})" if batch is not None else "")
+
+
+def served_table(rows: list[dict[str, Any]], input_name: str) -> list[str]:
+    out = [
+        "| server | variant | conc. | req/s | p50 ms | p90 ms | p99 ms | errors | queue ms | in-server ms "
+        "| handler ms (last batch) | vs stock | vs in-process |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["input"] != input_name:
+            continue
+        m = r["server_metrics"]
+        out.append(
+            f"| {r['server']} | {r['variant']} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {fmt(m.get('queue_ms'))} | "
+            f"{fmt(m.get('server_ms'))} | {handler_ms(m)} | {ratio(r.get('vs_stock'))} | "
+            f"{ratio(r.get('vs_inprocess'))} |")
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, v = result["machine"], result["versions"]
+    lines = [
+        f"# Benchmark ({result['mode']} mode, {result['device']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch threads {m['torch_threads']}. "
+        f"torch {v['torch']}, torchvision {v['torchvision']}, TorchServe {v['torchserve']}, {v['wrk']}, "
+        f"captum {v['captum']} (stock only). Commit {result['git_commit']}, {result['started']}.",
+        f"Command: `{result['command']}`",
+        "",
+        "Load: wrk, one thread, keep-alive, closed loop at each concurrency for "
+        f"{result['settings']['duration_s']} s. Our archives use {result['settings']['config']} "
+        f"({result['settings']['ours_config']}); stock uses TorchServe defaults (batch 1). One worker each.",
+        "",
+        "## Acceptance",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for a in result["acceptance"]:
+        lines.append(f"| {a['target']} | {a['measured']} | {'yes' if a['met'] else '**no**'} |")
+    for name, title in (("digits", "Served: held-out digits"), ("photos", "Served: sample photos")):
+        desc = next((i["description"] for i in result["inputs"] if i["name"] == name), name)
+        lines += ["", f"## {title} ({desc})", "", *served_table(result["served"], name)]
+    lines += ["", "vs stock: req/s over stock's at the same input and concurrency. vs in-process: req/s over the "
+              "in-process images/s of the same variant at the served batch size, decode included. queue and "
+              "in-server ms are per-request means from TorchServe's counters over the run (in-server includes "
+              "queue); handler ms is the last batch's gauge (stock: HandlerTime; ours: preprocess + inference + "
+              "postprocess)."]
+    lines += ["", "## In-process ceiling (handler called directly, digits)", "",
+              "| variant | batch | decode+preprocess | ms/batch | images/s |", "|---|---:|---|---:|---:|"]
+    for r in result["inprocess"]:
+        lines.append(f"| {r['variant']} | {r['batch']} | {'yes' if r['decode'] else 'no'} | "
+                     f"{r['ms_per_batch']:.2f} | {r['images_per_s']:.1f} |")
+    lines += ["", "## Preprocessing: ours vs stock PIL path (one process)", "",
+              "| input | torch threads | ours ms/image | stock ms/image | speedup |", "|---|---:|---:|---:|---:|"]
+    for r in result["preprocess"]:
+        lines.append(f"| {r['input']} | {r['threads']} | {r['ours_ms_per_image']:.3f} | "
+                     f"{r['stock_ms_per_image']:.3f} | {r['speedup']:.2f}x |")
+    if result.get("load_70"):
+        a = result["load_70"]
+        lines += ["", "## Latency at ~70% of max throughput", "",
+                  f"{a['variant']}: max {a['max_rps']:.1f} req/s at {a['concurrency']} connections; with "
+                  f"{a['think_ms']:.1f} ms mean think time per connection it served {a['rps']:.1f} req/s "
+                  f"({100 * a['fraction']:.0f}% of max): p50 {a['p50_ms']:.1f} ms, p99 {a['p99_ms']:.1f} ms, "
+                  f"p99/p50 {a['p99_over_p50']:.2f}, errors {a['errors']}."]
+    lines += ["", f"Startup: `torchserve --start` to first successful prediction (default fp32 model): "
+              f"{fmt(result.get('startup_s'), 2)} s.", ""]
+    if result.get("startup_phases_s"):
+        lines += ["| start-up phase reached | s after launch |", "|---|---:|",
+                  *[f"| {k} | {v:.2f} |" for k, v in result["startup_phases_s"].items()], ""]
+    if result.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in result["notes"]], ""]
+    lines += [f"![throughput vs p99]({PLOT})", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """req/s against p99 for each server/variant on the digits, one point per concurrency level."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in result["served"]:
+        if r["input"] == "digits":
+            series.setdefault(f"{r['server']} {r['variant']}", []).append(r)
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["concurrency"])
+        ax.plot([r["p99_ms"] for r in rows], [r["rps"] for r in rows], marker="o", label=label,
+                linestyle="--" if label.startswith("stock") else "-")
+        for r in rows:
+            ax.annotate(f"c{r['concurrency']}", (r["p99_ms"], r["rps"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("p99 latency (ms, log scale)")
+    ax.set_ylabel("throughput (req/s, log scale)")
+    ax.set_title(f"Held-out digit JPEGs, {result['mode']} mode, {result['machine']['cpus']} CPUs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(result))
+    plot(result, out / PLOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("report_json", type=Path)
+    args = ap.parse_args()
+    write(json.loads(args.report_json.read_text()), args.report_json.parent)
+    print(f"wrote {args.report_json.parent / 'report.md'} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()

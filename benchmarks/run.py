@@ -1,0 +1,376 @@
+"""One command, one machine, one load generator: stock TorchServe vs this project's handler vs in-process.
+
+    python -m benchmarks.run --quick                 # CI smoke run, under 3 minutes
+    python -m benchmarks.run --full                  # the figures for the README
+    python -m benchmarks.run --full --model artifacts/resnet18 --variants artifacts/resnet18/variants
+    python -m benchmarks.run --full --only fp32,int8,bf16 --duration 10   # a subset, shorter runs
+    python -m benchmarks.run --full --gpu --model artifacts/resnet50 --amp bf16   # GPU path (untested here)
+
+Steps: inputs (held-out digit JPEGs, sklearn photos) -> in-process ceiling per variant (batch 1/8, with
+and without decode) -> preprocessing vs the stock PIL path -> archives (stock image_classifier on the
+fp32 TorchScript; ours via build_mar.sh for fp32 + every variant) -> startup time -> stock TorchServe
+under wrk -> ours under wrk -> latency at ~70% of max -> benchmarks/results/report.{json,md} + PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata as im
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+import torch
+import yaml
+from tqdm import tqdm
+
+from benchmarks import inputs, preprocess, report, stock
+from benchmarks.archives import ROOT, BuildError, build_ours
+from benchmarks.inprocess import measure_variant, model_dirs
+from benchmarks.served import Bench, isolated
+from benchmarks.tools import CAPTUM_DIR, ensure_captum, ensure_wrk, version
+from tests.torchserve import TorchServe
+from training import metadata
+
+DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    levels: tuple[int, ...]  # wrk connections
+    duration_s: float
+    digits: int | None  # how many held-out digits (None: the whole test split)
+    min_time: float  # seconds per in-process timing
+
+
+QUICK = Mode("quick", (4,), 4, 24, 0.3)
+FULL = Mode("full", (1, 4, 16), 15, None, 3.0)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def versions() -> dict[str, str]:
+    def dist(name: str) -> str:
+        try:
+            return im.version(name)
+        except im.PackageNotFoundError:
+            return "missing"
+
+    captum = next(CAPTUM_DIR.glob("captum-*.dist-info"), None)
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": dist("torchvision"),
+            "torchserve": dist("torchserve"), "torch-model-archiver": dist("torch-model-archiver"),
+            "captum": captum.name.removeprefix("captum-").removesuffix(".dist-info") if captum else "missing",
+            "wrk": version(["wrk", "--version"]).split(" [")[0].replace("debian/", ""),
+            "java": version(["java", "-version"])}
+
+
+# Log lines that mark the start-up phases, in order (ts_log.log holds the frontend's and the worker's).
+STARTUP_MARKS = (
+    ("frontend up (JVM, config, key file)", re.compile(r"Initializing plugins manager")),
+    ("archive registered", re.compile(r"Model \S+ loaded\.")),
+    ("worker process spawned", re.compile(r"Worker cmdline")),
+    ("worker python up (ts imports)", re.compile(r"Torch worker started")),
+    ("handler initialized (torch import, load, warm-up)", re.compile(r"ready on ")),
+)
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d),(\d{3})")
+
+
+def startup_phases(log: str, launched: float) -> dict[str, float]:
+    """Seconds after launch at which each start-up mark first appears in the log (local wall clock)."""
+    out: dict[str, float] = {}
+    for line in log.splitlines():
+        m = LOG_TIME.match(line)
+        if not m:
+            continue
+        for name, pattern in STARTUP_MARKS:
+            if name not in out and pattern.search(line):
+                stamp = dt.datetime.fromisoformat(m.group(1)).timestamp() + int(m.group(2)) / 1000
+                out[name] = round(stamp - launched, 2)
+    return out
+
+
+def startup_time(mar: Path, work: Path) -> tuple[float, dict[str, float]]:
+    """Seconds from launching `torchserve --start` (production config, load_models=all) to the first
+    successful prediction of the default model, and when each start-up phase was reached."""
+    store = work / "startup-store"
+    store.mkdir()
+    shutil.copy2(mar, store / mar.name)
+    body = next((work / "inputs" / "digits").glob("*.jpg")).read_bytes()
+    overrides, env = isolated(work / "ts-startup")
+    ts = TorchServe(work / "ts-startup", store, overrides, env=env)
+    try:
+        launched = time.time()
+        t0 = time.monotonic()
+        ts.start()
+        deadline = t0 + 180
+        while time.monotonic() < deadline:
+            try:
+                if ts.predict(mar.stem, body, content_type="image/jpeg", timeout=10).status_code == 200:
+                    elapsed = time.monotonic() - t0
+                    phases = startup_phases(ts.logs("ts_log.log"), launched)
+                    return elapsed, {**phases, "first successful prediction": round(elapsed, 2)}
+            except requests.RequestException:
+                pass
+            ts._check_alive()
+            time.sleep(0.05)
+        raise TimeoutError(f"no successful prediction within 180 s\n{ts.log_tail()}")
+    finally:
+        ts.stop()
+
+
+def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str, batch: int,
+                   sets: list[inputs.InputSet], mode: Mode, progress: tqdm) -> list[dict[str, Any]]:
+    """Load one archive alone, drive it at each concurrency (digits) and once with the photos."""
+    rows = []
+    bench.register(name, mar)
+    try:
+        bench.warm(name, sets[0].files[0].read_bytes())
+        runs = [(sets[0], c) for c in mode.levels] + [(sets[1], mode.levels[len(mode.levels) // 2])]
+        for s, c in runs:
+            result, server_metrics = bench.measure(name, s.list_file, c, mode.duration_s)
+            if result.requests == 0:  # slower than the window: measure once more, three times longer
+                result, server_metrics = bench.measure(name, s.list_file, c, 3 * mode.duration_s)
+            rows.append({"server": server, "model": name, "variant": variant, "input": s.name, "batch_size": batch,
+                         **result.to_dict(), "server_metrics": server_metrics})
+            progress.update(1)
+            progress.set_postfix_str(f"{name} {s.name} c{c}: {result.rps:.1f} req/s")
+    finally:
+        bench.unregister(name)
+    return rows
+
+
+def load_70(bench: Bench, name: str, mar: str, digits: inputs.InputSet, rows: list[dict[str, Any]],
+            duration: float, attempts: int = 3) -> dict[str, Any]:
+    """Offered load near 70% of the variant's best req/s: the same connections, each pausing for an
+    exponential think time. A closed loop serves c / (latency + think), so each attempt sets the think
+    time from the latency the previous one measured; the attempt nearest 70% is reported."""
+    mine = [r for r in rows if r["model"] == name and r["input"] == "digits"]
+    peak = max(mine, key=lambda r: r["rps"])
+    c = max(peak["concurrency"], 4)
+    cycle_ms = c / (0.7 * peak["rps"]) * 1000  # latency + think per request, per connection
+    latency_ms = 1000 / peak["rps"]  # first guess: one service time, no queueing
+    tried = []
+    bench.register(name, mar)
+    try:
+        bench.warm(name, digits.files[0].read_bytes())
+        for _ in range(attempts):
+            think = max(0.0, cycle_ms - latency_ms)
+            result, server_metrics = bench.measure(name, digits.list_file, c, duration, think_ms=round(think, 1))
+            tried.append((abs(result.rps / peak["rps"] - 0.7), think, result, server_metrics))
+            if abs(result.rps / peak["rps"] - 0.7) <= 0.1:
+                break
+            latency_ms = result.mean_ms
+    finally:
+        bench.unregister(name)
+    _, think, result, server_metrics = min(tried, key=lambda t: t[0])
+    return {"variant": peak["variant"], "model": name, "max_rps": peak["rps"], "concurrency": c,
+            "think_ms": think, "requests": result.requests, "rps": result.rps,
+            "fraction": result.rps / peak["rps"], "p50_ms": result.p50_ms,
+            "p90_ms": result.p90_ms, "p99_ms": result.p99_ms, "errors": result.errors,
+            "p99_over_p50": result.p99_ms / result.p50_ms if result.p50_ms else float("inf"),
+            "attempts": [{"think_ms": round(t, 1), "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms}
+                         for _, t, r, _ in tried],
+            "server_metrics": server_metrics}
+
+
+def add_ratios(served: list[dict[str, Any]], inproc: list[dict[str, Any]]) -> None:
+    stock_rps = {(r["input"], r["concurrency"]): r["rps"] for r in served if r["server"] == "stock"}
+    ceiling = {(r["variant"], r["batch"]): r["images_per_s"] for r in inproc if r["decode"]}
+    for r in served:
+        base = stock_rps.get((r["input"], r["concurrency"]))
+        r["vs_stock"] = r["rps"] / base if base and r["server"] == "ours" else None
+        top = ceiling.get((r["variant"], r["batch_size"]))
+        r["vs_inprocess"] = r["rps"] / top if top and r["server"] == "ours" and r["input"] == "digits" else None
+
+
+def acceptance(served: list[dict[str, Any]], inproc: list[dict[str, Any]], l70: dict[str, Any] | None,
+               startup_s: float | None) -> list[dict[str, Any]]:
+    out = []
+    ours = [r for r in served if r["server"] == "ours" and r["input"] == "digits"]
+    stock_rows = [r for r in served if r["server"] == "stock" and r["input"] == "digits"]
+    compared = [r for r in ours if r["vs_stock"] is not None]
+    if compared:
+        best = max(compared, key=lambda r: r["vs_stock"])
+        errors = sum(r["errors"] for r in ours + stock_rows)
+        out.append({"target": "best variant >= 10x stock req/s on digits, same concurrency, 0 errors",
+                    "measured": f"{best['vs_stock']:.2f}x ({best['variant']} {best['rps']:.1f} vs stock "
+                                f"{best['rps'] / best['vs_stock']:.1f} req/s at c{best['concurrency']}); "
+                                f"{errors} errors in all runs",
+                    "met": best["vs_stock"] >= 10 and errors == 0, "value": best["vs_stock"]})
+    if ours:
+        peak: dict[str, dict[str, Any]] = {}
+        for r in ours:
+            if r["vs_inprocess"] is not None and r["rps"] > peak.get(r["variant"], {}).get("rps", -1):
+                peak[r["variant"]] = r
+        if peak:
+            top = max(peak.values(), key=lambda r: r["rps"])
+            worst = min(peak.values(), key=lambda r: r["vs_inprocess"])
+            out.append({"target": "served / in-process >= 0.8 (same variant and batch, decode included)",
+                        "measured": f"{top['vs_inprocess']:.2f} for the fastest ({top['variant']}, batch "
+                                    f"{top['batch_size']}); lowest {worst['vs_inprocess']:.2f} ({worst['variant']})",
+                        "met": top["vs_inprocess"] >= 0.8, "value": top["vs_inprocess"]})
+    if l70:
+        out.append({"target": "p99 <= 2x p50 at 70% of max throughput",
+                    "measured": f"p99/p50 = {l70['p99_over_p50']:.2f} ({l70['variant']} at "
+                                f"{100 * l70['fraction']:.0f}% of max, {l70['rps']:.1f} req/s)",
+                    "met": l70["p99_over_p50"] <= 2 and l70["errors"] == 0, "value": l70["p99_over_p50"]})
+    if startup_s is not None:
+        out.append({"target": "torchserve --start to first prediction <= 10 s (default model, CPU)",
+                    "measured": f"{startup_s:.2f} s", "met": startup_s <= 10, "value": startup_s})
+    return out
+
+
+def served_config(base: Path, work: Path, amp: str | None) -> tuple[Path, dict[str, Any]]:
+    """The model-config.yaml our archives get: the tuned handlers/model-config.yaml, plus AMP on GPU."""
+    cfg = yaml.safe_load(base.read_text()) or {}
+    if amp is None:
+        return base, cfg
+    cfg.setdefault("handler", {})["amp"] = amp
+    path = work / "model-config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path, cfg
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="CI smoke run: one concurrency, short runs")
+    group.add_argument("--full", action="store_true", help="all concurrency levels, 15 s runs (default)")
+    ap.add_argument("--model", type=Path, default=None, help="fp32 model dir (default artifacts/resnet18, "
+                                                             "artifacts/resnet50 with --gpu)")
+    ap.add_argument("--variants", type=Path, default=None, help="variant parent dir (default MODEL/variants)")
+    ap.add_argument("--only", type=lambda t: [x for x in t.split(",") if x], default=None,
+                    help="comma-separated variant names to serve (default: fp32 and every variant found)")
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model-config.yaml for our archives")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--gpu", action="store_true", help="serve on CUDA with --amp autocast (ResNet-50 config)")
+    ap.add_argument("--amp", choices=["bf16", "fp16"], default="bf16", help="GPU autocast dtype")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per wrk run (overrides the mode)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary work dir (archives, server logs)")
+    args = ap.parse_args(argv)
+
+    mode = QUICK if args.quick else FULL
+    if args.duration:
+        mode = Mode(mode.name, mode.levels, args.duration, mode.digits, mode.min_time)
+    model = args.model or ROOT / "artifacts" / ("resnet50" if args.gpu else "resnet18")
+    if not (model / "metadata.json").is_file():
+        sys.exit(f"error: {model}/metadata.json not found; train and export the model first "
+                 f"(python -m training.train --out {model} && python -m training.export {model}) or pass --model")
+    try:
+        dirs = model_dirs(model, args.variants, args.only)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if not (dirs[0] / metadata.TORCHSCRIPT_FILE).is_file():
+        sys.exit(f"error: {dirs[0]}/{metadata.TORCHSCRIPT_FILE} (fp32 TorchScript, needed by stock TorchServe) not "
+                 f"found; export it: python -m training.export {model}")
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("error: --gpu given but CUDA is not available on this machine; run without --gpu")
+    if not args.config.is_file():
+        sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
+    ensure_wrk()
+    captum = ensure_captum()
+    device = "gpu" if args.gpu else "cpu"
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    t_start = time.monotonic()
+    notes: list[str] = []
+    if not args.gpu:
+        notes.append("GPU (ResNet-50 fp16/bf16 via --gpu --amp) not measured: no GPU on this machine.")
+    try:
+        sets = [inputs.digits(model, work / "inputs", mode.digits), inputs.photos(work / "inputs")]
+        config_path, cfg = served_config(args.config, work, args.amp if args.gpu else None)
+        batch = int(cfg.get("batchSize", 1))
+        options = {"amp": args.amp} if args.gpu else None
+
+        print(f"[1/5] in-process ceiling: {', '.join(d.name for d in dirs)}", file=sys.stderr)
+        bodies = sets[0].bodies()
+        inproc: list[dict[str, Any]] = []
+        for d in tqdm(dirs, desc="in-process", leave=False):
+            inproc += measure_variant(d, bodies, mode.min_time, options=options, gpu=args.gpu,
+                                      batches=sorted({1, 8, batch}))
+
+        print("[2/5] preprocessing vs the stock PIL path", file=sys.stderr)
+        pre = preprocess.compare(dirs[0], sets, mode.min_time)
+
+        print("[3/5] archives and startup time", file=sys.stderr)
+        store = work / "store"
+        stock_mar = stock.build(dirs[0], store, "stock")
+        ours: list[tuple[str, str, Path]] = []  # (model name, variant, archive)
+        for d in dirs:
+            variant = metadata.read(d)["variant"]
+            try:
+                ours.append((f"ours_{variant}", variant, build_ours(d, store, f"ours_{variant}", config_path, device)))
+            except BuildError as e:
+                notes.append(f"variant {variant} ({d}) not served: {e}")
+        if not ours or ours[0][1] != "fp32":
+            raise RuntimeError(f"the fp32 archive could not be built: {notes[-1] if notes else 'unknown'}")
+        startup_s, startup_phases_s = startup_time(ours[0][2], work)
+
+        runs = (len(mode.levels) + 1) * (1 + len(ours))
+        served: list[dict[str, Any]] = []
+        with tqdm(total=runs, desc="served", leave=False) as progress:
+            print("[4/5] stock TorchServe image_classifier", file=sys.stderr)
+            with Bench(work / "ts-stock", store, env={"PYTHONPATH": str(captum)}) as bench:
+                served += measure_server(bench, "stock", "stock", stock_mar.name, "fp32", 1, sets, mode, progress)
+            print("[5/5] this project's handler", file=sys.stderr)
+            with Bench(work / "ts-ours", store) as bench:
+                for name, variant, mar in ours:
+                    served += measure_server(bench, "ours", name, mar.name, variant, batch, sets, mode, progress)
+                add_ratios(served, inproc)
+                best = max((r for r in served if r["server"] == "ours" and r["input"] == "digits"),
+                           key=lambda r: r["rps"])
+                l70 = load_70(bench, best["model"], f"{best['model']}.mar", sets[0], served, mode.duration_s)
+    finally:
+        if args.keep:
+            print(f"work dir kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "mode": mode.name, "device": "cuda " + args.amp if args.gpu else "cpu", "started": started,
+        "wall_s": round(time.monotonic() - t_start, 1),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "git_commit": metadata.git_commit(), "machine": machine(), "versions": versions(),
+        "settings": {"levels": list(mode.levels), "duration_s": mode.duration_s, "config": str(args.config),
+                     "ours_config": {k: cfg.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers",
+                                                             "maxWorkers")},
+                     "model": str(model), "variants": [str(d) for d in dirs]},
+        "inputs": [{"name": s.name, "count": len(s.files), "description": s.description} for s in sets],
+        "inprocess": inproc, "preprocess": pre, "served": served, "load_70": l70, "startup_s": startup_s,
+        "startup_phases_s": startup_phases_s,
+        "notes": notes,
+    }
+    result["acceptance"] = acceptance(served, inproc, l70, startup_s)
+    report.write(result, args.out)
+    print(report.markdown(result))
+    print(f"wrote {args.out / 'report.json'}, report.md, {report.PLOT} ({result['wall_s']} s)", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model rollout (deploy.py) and the production inference client (client.py)."""

@@ -1,0 +1,84 @@
+"""Smoke test of the benchmark harness (benchmarks/): quick mode runs end to end against the real
+TorchServe (stock image_classifier and ours) with wrk, and reports zero errors. Speed is never asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks import run, tune
+from benchmarks.tune import pick, set_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+TUNED_KEYS = {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers"}
+
+
+def test_captum_stays_out_of_the_project_environment() -> None:
+    # The stock handler needs captum; ours must not. It lives in benchmarks/.captum, off sys.path.
+    assert importlib.util.find_spec("captum") is None
+
+
+def test_set_keys_changes_only_the_values_and_keeps_comments() -> None:
+    text = "# head\nbatchSize: 8\nmaxBatchDelay: 5          # ms to wait\nhandler:\n  batchSize: 3\n"
+    out = set_keys(text, {"batchSize": 16, "maxBatchDelay": 100, "minWorkers": 2})
+    assert out == ("# head\nbatchSize: 16\nmaxBatchDelay: 100        # ms to wait\nhandler:\n  batchSize: 3\n"
+                   "minWorkers: 2\n")
+    assert yaml.safe_load(out)["handler"] == {"batchSize": 3}
+
+
+def test_pick_takes_the_fastest_setting_under_the_bound_with_no_errors() -> None:
+    rows = [{"rps": 50, "p99_ms": 80, "errors": 0}, {"rps": 90, "p99_ms": 150, "errors": 0},
+            {"rps": 70, "p99_ms": 90, "errors": 0}, {"rps": 99, "p99_ms": 10, "errors": 1},
+            {"rps": 0, "p99_ms": 0, "errors": 0, "requests": 0}]
+    for r in rows:
+        r.setdefault("requests", 10)
+    assert pick(rows, 100) == rows[2]
+    assert pick(rows, 5) is None
+
+
+@pytest.mark.server
+def test_quick_mode_runs_end_to_end_with_zero_errors(tiny_model: Path, tmp_path: Path) -> None:
+    result = run.main(["--quick", "--model", str(tiny_model), "--out", str(tmp_path)])
+    for name in ("report.json", "report.md", "throughput_vs_p99.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "report.json").read_text())["served"] == json.loads(json.dumps(result["served"]))
+    served = result["served"]
+    assert {(r["server"], r["input"]) for r in served} == {
+        ("stock", "digits"), ("stock", "photos"), ("ours", "digits"), ("ours", "photos")}
+    for r in served:
+        assert r["errors"] == 0 and r["requests"] > 0, r
+        assert r["server_metrics"]["requests"] >= r["requests"], r  # TorchServe saw what wrk counted
+    assert result["load_70"]["errors"] == 0 and result["load_70"]["requests"] > 0
+    assert result["startup_s"] > 0
+    assert {(r["batch"], r["decode"]) for r in result["inprocess"]} == {(1, True), (1, False), (8, True), (8, False)}
+    shapes = {(r["input"], tuple(r["ours_output"]), tuple(r["stock_output"])) for r in result["preprocess"]}
+    assert shapes == {("digits", (8, 3, 32, 32), (8, 3, 224, 224)), ("photos", (8, 3, 32, 32), (8, 3, 224, 224))}
+    report = (tmp_path / "report.md").read_text()
+    assert "| stock | fp32 |" in report and "| ours | fp32 |" in report
+
+
+@pytest.mark.server
+def test_tuner_writes_the_winner_into_the_config(tiny_model: Path, tmp_path: Path) -> None:
+    config = tmp_path / "model-config.yaml"
+    shutil.copy(ROOT / "handlers" / "model-config.yaml", config)
+    # start from values outside the quick grid, so the winner always changes something
+    config.write_text(set_keys(config.read_text(), {"batchSize": 2, "maxBatchDelay": 50}))
+    before = config.read_text()
+    report = tune.main([str(tiny_model), "--config", str(config), "--quick", "--p99-ms", "100000",
+                        "--out", str(tmp_path / "out")])
+    assert len(report["results"]) == 2 and all(r["errors"] == 0 and r["requests"] > 0 for r in report["results"])
+    winner = report["winner"]
+    assert winner["rps"] == max(r["rps"] for r in report["results"])
+    cfg = yaml.safe_load(config.read_text())
+    assert (cfg["batchSize"], cfg["maxBatchDelay"], cfg["minWorkers"], cfg["maxWorkers"]) == (
+        winner["batch_size"], winner["max_batch_delay"], winner["workers"], winner["workers"])
+    changed = [(a, b) for a, b in zip(before.splitlines(), config.read_text().splitlines(), strict=True) if a != b]
+    assert changed and {a.split(":")[0] for a, _ in changed} <= TUNED_KEYS
+    assert report["changed"] and "+maxBatchDelay: 5" in report["diff"]
+    assert json.loads((tmp_path / "out" / "tune.json").read_text())["winner"] == json.loads(json.dumps(winner))

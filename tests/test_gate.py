@@ -1,0 +1,93 @@
+"""The accuracy gate in build_mar.sh: an over-budget variant is refused, an in-budget one is packaged (CPU-only)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, build_mar
+from training import gate, metadata, prune, quantize, variant
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gate") / "parent"
+    shutil.copytree(tiny_model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def too_sparse(parent: Path) -> Path:
+    """Pruned far too hard: 95% of the weights zeroed, no fine-tune."""
+    parent_meta, model = variant.load_parent(parent)
+    prune.make(parent, parent_meta, model, sparsity=0.95, name="sparse95")
+    return variant.variant_dir(parent, "sparse95")
+
+
+@pytest.fixture(scope="module")
+def int8(parent: Path) -> Path:
+    parent_meta, model = variant.load_parent(parent)
+    quantize.make(parent, parent_meta, model, "static", calibration_images=128)
+    return variant.variant_dir(parent, "int8")
+
+
+def figures(model_dir: Path) -> tuple[str, str]:
+    meta = metadata.read(model_dir)
+    return f"{100 * meta['metrics']['test']['top1']:.2f}%", f"{100 * meta['parent']['metrics']['test']['top1']:.2f}%"
+
+
+def test_gate_refuses_a_variant_over_budget(too_sparse: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    top1, parent_top1 = figures(too_sparse)
+    assert float(parent_top1[:-1]) - float(top1[:-1]) > 0.5  # really over budget, not a borderline case
+    result = build_mar(too_sparse, store, "--name", "digits_sparse95", check=False)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: accuracy gate FAILED")
+    assert top1 in message and parent_top1 in message and "budget 0.50 pt" in message
+    assert not (store / "digits_sparse95.mar").exists()
+
+
+def test_gate_budget_is_configurable(too_sparse: Path) -> None:
+    top1, parent_top1 = figures(too_sparse)
+    drop = float(parent_top1[:-1]) - float(top1[:-1])
+    for budget, code in ((drop - 0.1, 1), (drop + 0.1, 0)):
+        result = subprocess.run([sys.executable, "-m", "training.gate", str(too_sparse), "--budget", f"{budget:.2f}"],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == code, result.stderr
+        assert f"budget {budget:.2f} pt" in result.stdout + result.stderr
+
+
+def test_gate_accepts_int8_within_budget_and_packages_it_cpu_only(int8: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    meta = metadata.read(int8)
+    passed, verdict = gate.check(meta, 0.5)
+    assert passed, verdict
+    result = build_mar(int8, store, "--name", "digits_int8")
+    assert "accuracy gate passed" in result.stdout
+    assert "CPU-only, packaged with deviceType: cpu" in result.stderr
+    assert "deviceType cpu" in result.stdout
+    mar = store / "digits_int8.mar"
+    with zipfile.ZipFile(mar) as z:
+        packed = json.loads(z.read("metadata.json"))
+        config = yaml.safe_load(z.read("model-config.yaml"))
+    assert config["deviceType"] == "cpu"
+    assert packed["variant"] == "int8" and packed["cpu_only"] is True
+    assert packed["metrics"]["test"] == meta["metrics"]["test"]
+    assert packed["recipe"]["technique"] == "static_int8_quantization"
+    assert packed["parent"]["sha256"] == meta["parent"]["sha256"]
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["digits_int8.mar"]["variant"] == "int8"
+
+
+def test_int8_cannot_be_forced_onto_gpu(int8: Path, tmp_path: Path) -> None:
+    result = build_mar(int8, tmp_path / "store", "--device", "gpu", check=False)
+    assert result.returncode != 0
+    assert "CPU-only" in result.stderr and "--device cpu" in result.stderr

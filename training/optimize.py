@@ -1,0 +1,330 @@
+"""The optimization pipeline: one trained fp32 checkpoint in, every variant + a measured report out.
+
+    python -m training.optimize artifacts/resnet18                 # fp32, sparse, pruned, int8, bf16, distilled
+    python -m training.optimize artifacts/resnet18 --variants fp32,int8 --threads 2
+    python -m training.optimize artifacts/resnet18 --prune-ratio 0.6 --kd-epochs 15 --budget 1.0
+
+Each variant lands in <parent>/variants/<name>/ (frozen TorchScript model.pt + metadata.json with the
+recipe, the parent's checkpoint hash and the variant's own held-out test metrics). Then all artifacts,
+and the parent as eager PyTorch (the baseline), are timed side by side at a fixed thread count, and
+<parent>/optimization/report.{json,md,png} is written: top-1, macro-F1, size on disk, params, MACs,
+batch-1 latency and batch-8 throughput (medians), ratios vs fp32 eager, and the accuracy-gate verdict.
+
+Variants: fp32 (TorchScript export of the parent), sparse (training.prune), pruned
+(training.prune_structured), int8 / dynamic_int8 (training.quantize), bf16 (training.bf16),
+distilled (training.distill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handlers.loading import load_model
+from training import bf16, distill, gate, metadata, prune, prune_structured, quantize, speed, variant
+from training.evaluate import splits_for
+from training.export import ParityError, check_parity, to_torchscript
+
+ALL_VARIANTS = ("fp32", "sparse", "pruned", "int8", "dynamic_int8", "bf16", "distilled")
+DEFAULT_VARIANTS = ("fp32", "sparse", "pruned", "int8", "bf16", "distilled")
+BASELINE = "fp32_eager"
+REPORT_DIR = "optimization"
+# Acceptance targets from the issue, checked (not asserted) in the report.
+TARGETS = {"int8": {"min_speedup_bs8": 6.0, "max_drop_pt": 0.5},
+           "pruned": {"min_macs_removed": 0.5, "max_drop_pt": 1.0},
+           "distilled": {"max_drop_pt": 1.0}}
+
+
+def make_fp32(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module) -> tuple[dict, torch.nn.Module]:
+    """The parent itself as frozen TorchScript: the fp32 row that ships, and the reference for the others."""
+    scripted = to_torchscript(parent, parent_meta["input_size"])
+    parity = check_parity(parent, scripted, splits_for(parent_meta).test, parent_meta)
+    recipe = {"technique": "export", "args": {"method": "torch.jit.script+freeze"}}
+    meta = variant.write_variant(parent_dir, "fp32", scripted, recipe, state_dict=parent.state_dict(),
+                                 export={"method": "torch.jit.script+freeze", "parity": parity})
+    return meta, parent
+
+
+def build_steps(args: argparse.Namespace) -> dict[str, Callable[..., tuple[dict, torch.nn.Module]]]:
+    """variant name -> function(parent_dir, parent_meta, parent) making it with this run's arguments."""
+    p = args.progress
+    return {
+        "fp32": make_fp32,
+        "sparse": lambda d, m, e: prune.make(d, m, e, args.sparsity),
+        "pruned": lambda d, m, e: prune_structured.make(d, m, e, args.prune_ratio, args.prune_epochs, args.prune_lr,
+                                                        seed=args.seed, progress=p),
+        "int8": lambda d, m, e: quantize.make(d, m, e, "static", args.calibration_images, args.seed, progress=p),
+        "dynamic_int8": lambda d, m, e: quantize.make(d, m, e, "dynamic"),
+        "bf16": lambda d, m, e: bf16.make(d, m, e),
+        "distilled": lambda d, m, e: distill.make(d, m, e, args.student, args.kd_temperature, args.kd_alpha,
+                                                  args.kd_epochs, args.kd_lr, seed=args.seed, progress=p),
+    }
+
+
+def profile(meta: dict[str, Any], float_model: torch.nn.Module) -> dict[str, int]:
+    return {"params": speed.count_params(float_model), "macs": speed.count_macs(float_model, meta["input_size"])}
+
+
+def reusable(parent_dir: Path, name: str, parent_sha: str) -> dict[str, Any] | None:
+    """An existing variant built from this very checkpoint (same sha256), with its profile recorded."""
+    vdir = variant.variant_dir(parent_dir, name)
+    if not (vdir / metadata.METADATA_FILE).is_file():
+        return None
+    meta = metadata.read(vdir)
+    same_parent = (meta.get("parent") or {}).get("sha256") == parent_sha
+    return meta if same_parent and "profile" in meta and (vdir / meta["artifact"]).is_file() else None
+
+
+def row(name: str, meta: dict[str, Any], artifact: Path, parent_top1: float, budget: float) -> dict[str, Any]:
+    test = meta["metrics"]["test"]
+    passed, verdict = gate.check(meta, budget) if meta.get("parent") else (True, "baseline")
+    return {
+        "variant": name,
+        "technique": meta["recipe"]["technique"],
+        "architecture": meta["architecture"],
+        "artifact": str(artifact),
+        "format": "eager" if name == BASELINE else meta["format"],
+        "cpu_only": bool(meta.get("cpu_only")),
+        "top1": test["top1"],
+        "macro_f1": test["macro_f1"],
+        "drop_pt": round(100 * (parent_top1 - test["top1"]), 3),
+        "size_bytes": speed.size_on_disk(artifact),
+        "params": meta["profile"]["params"],
+        "macs": meta["profile"]["macs"],
+        "gate": {"passed": passed, "budget_pt": budget, "verdict": verdict},
+    }
+
+
+def check_targets(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "int8" in rows:
+        r, t = rows["int8"], TARGETS["int8"]
+        out["int8"] = {"speedup_bs8": r["speedup_bs8"], "drop_pt": r["drop_pt"], **t,
+                       "met": r["speedup_bs8"] >= t["min_speedup_bs8"] and r["drop_pt"] <= t["max_drop_pt"]}
+    if "pruned" in rows:
+        r, t = rows["pruned"], TARGETS["pruned"]
+        removed = 1 - r["macs"] / rows[BASELINE]["macs"]
+        out["pruned"] = {"macs_removed": round(removed, 4), "drop_pt": r["drop_pt"], **t,
+                         "met": removed >= t["min_macs_removed"] and r["drop_pt"] <= t["max_drop_pt"]}
+    if "distilled" in rows:
+        r, t = rows["distilled"], TARGETS["distilled"]
+        out["distilled"] = {"drop_pt": r["drop_pt"], **t, "met": r["drop_pt"] <= t["max_drop_pt"]}
+    return out
+
+
+def fmt_table(rows: list[dict[str, Any]], batch: int) -> str:
+    head = ["variant", "technique", "arch", "top-1 %", "Δ pt", "macro-F1", "size MB", "params M", "MACs G",
+            "bs1 latency ms", f"bs{batch} img/s", f"× fp32 eager (bs{batch})", "CPU-only", "gate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["variant"], r["technique"], r["architecture"], f"{100 * r['top1']:.2f}", f"{-r['drop_pt']:+.2f}",
+            f"{r['macro_f1']:.4f}", f"{r['size_bytes'] / 1e6:.1f}", f"{r['params'] / 1e6:.2f}",
+            f"{r['macs'] / 1e9:.3f}", f"{r['latency_ms_bs1']:.1f}", f"{r[f'throughput_bs{batch}']:.1f}",
+            f"{r[f'speedup_bs{batch}']:.2f}×", "yes" if r["cpu_only"] else "no",
+            "—" if r["variant"] == BASELINE else ("pass" if r["gate"]["passed"] else "FAIL"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, report: dict[str, Any]) -> None:
+    env, batch = report["environment"], report["batch"]
+    lines = [
+        f"# Optimization report: {report['parent']['dir']}",
+        "",
+        f"Parent checkpoint sha256 `{report['parent']['sha256'][:16]}…`, test split n={report['parent']['test_n']}. "
+        f"Timed in-process on {env['cpu']} with torch {env['torch']}, {env['threads']} threads, "
+        f"medians of {report['timing']['rounds']} interleaved rounds "
+        f"({report['timing']['latency_calls']} batch-1 and {report['timing']['throughput_calls']} "
+        f"batch-{batch} calls each). Accuracy gate budget {report['budget_pt']} pt.",
+        "",
+        fmt_table(report["rows"], batch),
+        "",
+        "Sparse (unstructured) weights run through dense kernels: same MACs, same speed, same file size.",
+        "MACs of int8/bf16/sparse variants are those of the float model they came from.",
+        "",
+        "## Targets",
+        "",
+    ]
+    for name, t in report["targets"].items():
+        facts = ", ".join(f"{k} {v}" for k, v in t.items() if k != "met")
+        lines.append(f"- {name}: {'met' if t['met'] else 'MISSED'} ({facts})")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sizes = [r["size_bytes"] / 1e6 for r in report["rows"]]
+    scale = 1500 / max(sizes)
+    for i, (r, mb) in enumerate(zip(report["rows"], sizes, strict=True)):
+        color = "tab:gray" if r["variant"] == BASELINE else ("tab:orange" if r["cpu_only"] else "tab:blue")
+        ax.scatter(r["latency_ms_bs1"], 100 * r["top1"], s=max(30.0, mb * scale), alpha=0.55, color=color,
+                   edgecolors="black", linewidths=0.6)
+        # Labels beside the marker, staggered, so variants at the same spot (fp32 vs eager) stay readable.
+        ax.annotate(f"{r['variant']} ({mb:.1f} MB)", (r["latency_ms_bs1"], 100 * r["top1"]), fontsize=8,
+                    xytext=(12, 14 * (i % 3 - 1)), textcoords="offset points", ha="left", va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"})
+    parent = 100 * report["parent"]["top1"]
+    ax.axhline(parent - report["budget_pt"], color="tab:red", ls="--", lw=1,
+               label=f"gate: fp32 {parent:.2f}% - {report['budget_pt']} pt")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"in-process latency at batch 1, ms (median, {report['environment']['threads']} threads, log scale)")
+    ax.set_ylabel("held-out test top-1, %")
+    ax.set_title(f"{report['parent']['architecture']} variants: accuracy vs latency (marker area = size on disk;\n"
+                 "orange = CPU-only int8, gray = fp32 eager baseline)", fontsize=10)
+    ax.margins(x=0.25, y=0.25)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    parent_dir: Path = args.parent_dir
+    started = time.perf_counter()
+    parent_meta, parent = variant.load_parent(parent_dir)
+    parent_top1 = parent_meta["metrics"]["test"]["top1"]
+    print(f"parent: {parent_dir} ({parent_meta['architecture']} @ {parent_meta['input_size']}px, "
+          f"test top-1 {100 * parent_top1:.2f}%); variants: {', '.join(args.variants)}", flush=True)
+
+    steps = build_steps(args)
+    parent_sha = variant.parent_record(parent_dir, parent_meta)["sha256"]
+    made: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(args.variants, 1):
+        t0 = time.perf_counter()
+        if args.reuse and (meta := reusable(parent_dir, name, parent_sha)):
+            made[name] = meta
+            print(f"[{i}/{len(args.variants)}] reused {variant.describe(meta)}", flush=True)
+            continue
+        print(f"[{i}/{len(args.variants)}] {name} ...", flush=True)
+        meta, float_model = steps[name](parent_dir, parent_meta, parent)
+        # MACs/params come from the float model the variant was made from (a TorchScript int8 graph has none
+        # to count); recorded now so the report can be rebuilt from the variant directories alone.
+        meta["profile"] = profile(meta, float_model)
+        metadata.write(variant.variant_dir(parent_dir, name), meta)
+        made[name] = meta
+        print(f"[{i}/{len(args.variants)}] {variant.describe(meta)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    print(f"timing {len(made) + 1} models side by side ({args.threads} threads, {args.rounds} rounds) ...",
+          flush=True)
+    models = {BASELINE: parent}
+    for name in made:
+        models[name] = load_model(variant.variant_dir(parent_dir, name), made[name])
+    timing = speed.benchmark(models, parent_meta["input_size"], args.threads, args.rounds,
+                             args.latency_calls, args.throughput_calls, args.batch, args.progress)
+
+    baseline_meta = {**parent_meta, "recipe": {"technique": "none (eager PyTorch)", "args": {}},
+                     "profile": profile(parent_meta, parent)}
+    rows = {BASELINE: row(BASELINE, baseline_meta, parent_dir / parent_meta["checkpoint"], parent_top1, args.budget)}
+    for name, meta in made.items():
+        rows[name] = row(name, meta, variant.variant_dir(parent_dir, name) / meta["artifact"], parent_top1,
+                         args.budget)
+    key = f"throughput_bs{args.batch}"
+    base = timing[BASELINE]
+    for name, r in rows.items():
+        r.update(timing[name])
+        r[f"speedup_bs{args.batch}"] = round(r[key] / base[key], 3)
+        r["latency_speedup_bs1"] = round(base["latency_ms_bs1"] / r["latency_ms_bs1"], 3)
+
+    env = speed.environment(args.threads)
+    # The variant's speed travels with it (and so into the .mar and the describe response).
+    for name in made:
+        vdir = variant.variant_dir(parent_dir, name)
+        meta = metadata.read(vdir)
+        meta["metrics"]["speed"] = {k: rows[name][k] for k in ("latency_ms_bs1", key, f"speedup_bs{args.batch}",
+                                                               "size_bytes", "params", "macs")}
+        meta["metrics"]["speed"].update(threads=args.threads, cpu=env["cpu"], torch=env["torch"],
+                                        baseline=BASELINE)
+        metadata.write(vdir, meta)
+
+    record = variant.parent_record(parent_dir, parent_meta)
+    report = {
+        "parent": {"dir": str(parent_dir), "sha256": record["sha256"], "architecture": parent_meta["architecture"],
+                   "input_size": parent_meta["input_size"], "top1": parent_top1,
+                   "test_n": parent_meta["metrics"]["test"]["n"]},
+        "environment": env,
+        "batch": args.batch,
+        "timing": {"rounds": args.rounds, "latency_calls": args.latency_calls,
+                   "throughput_calls": args.throughput_calls, "statistic": "median", "baseline": BASELINE},
+        "budget_pt": args.budget,
+        "rows": list(rows.values()),
+        "targets": check_targets(rows),
+        "recipes": {n: m["recipe"] for n, m in made.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out = parent_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(out / "report.md", report)
+    plot(out / "report.png", report)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("parent_dir", type=Path, help="trained fp32 model directory (python -m training.train --out)")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, in order (default {','.join(DEFAULT_VARIANTS)}; "
+                         f"all: {','.join(ALL_VARIANTS)})")
+    ap.add_argument("--budget", type=float, default=gate.DEFAULT_BUDGET_PT,
+                    help="accuracy gate shown in the report: allowed top-1 drop vs fp32, points")
+    g = ap.add_argument_group("timing")
+    g.add_argument("--threads", type=int, default=2, help="torch threads while timing (fixed for every model)")
+    g.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    g.add_argument("--latency-calls", type=int, default=5, help="batch-1 calls per model per round")
+    g.add_argument("--throughput-calls", type=int, default=3, help="batch calls per model per round")
+    g.add_argument("--batch", type=int, default=8, help="throughput batch size")
+    g = ap.add_argument_group("recipes")
+    g.add_argument("--sparsity", type=float, default=0.5, help="sparse: share of conv/linear weights zeroed")
+    g.add_argument("--prune-ratio", type=float, default=0.5, help="pruned: share of channels removed per layer")
+    g.add_argument("--prune-epochs", type=int, default=3)
+    g.add_argument("--prune-lr", type=float, default=1e-3)
+    g.add_argument("--calibration-images", type=int, default=512, help="int8: training images to calibrate on")
+    g.add_argument("--student", default="mobilenet_v3_small")
+    g.add_argument("--kd-temperature", type=float, default=4.0)
+    g.add_argument("--kd-alpha", type=float, default=0.7)
+    g.add_argument("--kd-epochs", type=int, default=12)
+    g.add_argument("--kd-lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep variants already built from this same checkpoint (sha256); only re-time and report")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
+    if unknown or not args.variants:
+        ap.exit(2, f"error: unknown variant(s) {', '.join(unknown) or '(none given)'}; "
+                   f"choose from {', '.join(ALL_VARIANTS)}\n")
+    if args.threads < 1:
+        ap.exit(2, "error: --threads must be at least 1\n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (FileNotFoundError, ValueError, ParityError) as e:
+        sys.exit(f"error: {e}")
+    out = args.parent_dir / REPORT_DIR
+    print(fmt_table(report["rows"], args.batch))
+    for name, t in report["targets"].items():
+        print(f"target {name}: {'met' if t['met'] else 'MISSED'} {({k: v for k, v in t.items() if k != 'met'})}")
+    print(f"report: {out}/report.json, report.md, report.png ({report['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Model cost and speed: params, MACs, size on disk, in-process latency (batch 1) and throughput (batch 8).
+
+    python -m training.speed artifacts/resnet18 artifacts/resnet18/variants/int8 --threads 2
+
+Timings use a fixed torch thread count and report medians. Models are measured side by side,
+interleaved round by round, so a noisy neighbour slows them all alike and the ratios between
+them stay fair. Nothing here asserts a speed; the numbers go into reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from handlers.deprecations import known_deprecations
+from handlers.loading import load_model
+from training import metadata
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: torch.nn.Module, input_size: int) -> int:
+    """Multiply-accumulates of one image through an eager float model (Torch-Pruning's counter).
+
+    Quantized, bf16 and sparse variants do the same MACs as the float model they came from
+    (sparse weights still run through dense kernels), so they are counted on that model.
+    """
+    import torch_pruning as tp  # only needed here; keeps `python -m training.speed` light
+
+    example = torch.randn(1, 3, input_size, input_size)
+    macs, _ = tp.utils.count_ops_and_params(model, example)
+    return int(macs)
+
+
+def size_on_disk(path: Path) -> int:
+    return Path(path).stat().st_size
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> dict[str, Any]:
+    return {"threads": threads, "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "quantized_engine": torch.backends.quantized.engine}
+
+
+@contextlib.contextmanager
+def thread_count(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def any_algorithms() -> Iterator[None]:
+    """Lift training's deterministic-algorithms switch (seed_everything) while running inference: it would
+    warn on every quantized op and may pick slower kernels for timing."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _time_calls(model: torch.nn.Module, x: torch.Tensor, calls: int) -> list[float]:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.inference_mode()
+def benchmark(
+    models: dict[str, torch.nn.Module],
+    input_size: int,
+    threads: int = 2,
+    rounds: int = 7,
+    latency_calls: int = 5,
+    throughput_calls: int = 3,
+    batch: int = 8,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Per model: median latency (ms) of batch-1 calls and median throughput (images/s) of batch-`batch` calls.
+
+    Inputs are normalized float32 channels_last tensors, as the handler feeds them. Each round runs
+    every model in turn; the median over all timed calls of all rounds is reported.
+    """
+    one = torch.randn(1, 3, input_size, input_size).contiguous(memory_format=torch.channels_last)
+    many = torch.randn(batch, 3, input_size, input_size).contiguous(memory_format=torch.channels_last)
+    lat: dict[str, list[float]] = {name: [] for name in models}
+    thr: dict[str, list[float]] = {name: [] for name in models}
+    with thread_count(threads), any_algorithms(), known_deprecations():
+        for model in models.values():  # warm-up: TorchScript profiles and optimizes its first calls
+            _time_calls(model, one, 3)
+            _time_calls(model, many, 2)
+        for _ in tqdm(range(rounds), desc="benchmark rounds", leave=False, disable=not progress):
+            for name, model in models.items():
+                lat[name] += _time_calls(model, one, latency_calls)
+                thr[name] += _time_calls(model, many, throughput_calls)
+    return {
+        name: {
+            "latency_ms_bs1": round(1000 * statistics.median(lat[name]), 3),
+            f"throughput_bs{batch}": round(batch / statistics.median(thr[name]), 2),
+            "timed_calls": len(lat[name]) + len(thr[name]),
+        }
+        for name in models
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dirs", type=Path, nargs="+", help="model or variant directories (their served artifact)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    models, sizes = {}, set()
+    for d in args.model_dirs:
+        try:
+            meta = metadata.read(d)
+            models[str(d)] = load_model(d, meta)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from e
+        sizes.add(meta["input_size"])
+    if len(sizes) != 1:
+        raise SystemExit(f"error: the models take different input sizes {sorted(sizes)}; compare like with like")
+    results = benchmark(models, sizes.pop(), args.threads, args.rounds)
+    print(json.dumps({"environment": environment(args.threads), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
