@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +41,12 @@ def test_parity_check_fails_loudly_on_a_mismatch(tiny_model: Path, tiny_meta: di
     eager = build_model(tiny_meta["architecture"], tiny_meta["num_classes"])
     eager.load_state_dict(load_state_dict(tiny_model / tiny_meta["checkpoint"]))
     eager.eval()
-    wrong = export.to_torchscript(eager, tiny_meta["input_size"])
+    exported = export.to_torchscript(eager, tiny_meta["input_size"])
+    changed = copy.deepcopy(eager)  # frozen TorchScript may share storage with `eager`: change a copy
     with torch.no_grad():
-        eager.fc.bias += 0.5  # eager now disagrees with the exported copy
+        changed.fc.bias += 0.5
     with pytest.raises(export.ParityError, match="does not match eager"):
-        export.check_parity(eager, wrong, tiny_splits.test, tiny_meta)
+        export.check_parity(changed, exported, tiny_splits.test, tiny_meta)
 
 
 def test_export_cli_names_the_missing_checkpoint(tmp_path: Path) -> None:
