@@ -28,6 +28,35 @@ def build_model(arch: str, num_classes: int) -> torch.nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
+def fit_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Resize conv, linear and batch-norm layers in place to the checkpoint's shapes.
+
+    Structured pruning keeps the architecture's graph and only removes channels, so a pruned
+    state_dict loads into its torchvision architecture once each layer has the pruned width.
+    """
+    for name, module in list(model.named_modules()):
+        weight = state_dict.get(f"{name}.weight")
+        if weight is None or not isinstance(module, torch.nn.Conv2d | torch.nn.Linear | torch.nn.BatchNorm2d):
+            continue
+        if weight.shape == module.weight.shape:
+            continue
+        if isinstance(module, torch.nn.Conv2d):
+            depthwise = module.groups == module.in_channels and module.groups > 1
+            out_ch, in_per_group = weight.shape[:2]
+            groups = out_ch if depthwise else module.groups
+            new: torch.nn.Module = torch.nn.Conv2d(
+                in_per_group * groups, out_ch, module.kernel_size, module.stride, module.padding, module.dilation,
+                groups, module.bias is not None, module.padding_mode)
+        elif isinstance(module, torch.nn.Linear):
+            new = torch.nn.Linear(weight.shape[1], weight.shape[0], module.bias is not None)
+        else:
+            new = torch.nn.BatchNorm2d(weight.shape[0], module.eps, module.momentum, module.affine,
+                                       module.track_running_stats)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """weights_only=True: a checkpoint that carries pickled objects is refused, never executed."""
     path = Path(path)
@@ -58,8 +87,9 @@ def load_model(model_dir: Path, meta: dict[str, Any], device: torch.device | str
         # Exported programs are already in inference form; .eval() is not allowed on them.
         return torch.export.load(str(path)).module().to(device)
     elif fmt == "state_dict":
-        model = build_model(meta["architecture"], meta["num_classes"])
-        model.load_state_dict(load_state_dict(path))
+        state = load_state_dict(path)
+        model = fit_shapes(build_model(meta["architecture"], meta["num_classes"]), state)
+        model.load_state_dict(state)
         model = model.to(device, memory_format=torch.channels_last)
     else:
         raise ValueError(f"unknown artifact format {fmt!r} in metadata; expected torchscript, export or state_dict")

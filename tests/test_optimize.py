@@ -107,7 +107,6 @@ def test_structured_pruning_removes_channels_and_macs(parent: Path, eager: tuple
     parent_meta, model = eager
     meta, pruned = prune_structured.make(parent, parent_meta, model, ratio=0.5, epochs=1, progress=False)
     check_variant_metadata(meta, parent, "pruned", "structured_channel_prune")
-    assert "checkpoint" not in meta  # shapes differ from torchvision's resnet18: no loadable state_dict
     before, after = dict(model.named_modules()), dict(pruned.named_modules())
     assert after["conv1"].out_channels == 32 and before["conv1"].out_channels == 64
     assert after["layer4.1.conv2"].out_channels == 256
@@ -118,6 +117,30 @@ def test_structured_pruning_removes_channels_and_macs(parent: Path, eager: tuple
     out = run_artifact(variant.variant_dir(parent, "pruned") / "model.pt", test_inputs, parent)
     assert out["pred"] == fp32_predictions(pruned, test_inputs)
     assert agreement(out["pred"], fp32_predictions(model, test_inputs)) >= 0.8
+    # The float checkpoint has the pruned shapes; fit_shapes resizes torchvision's resnet18 to load it.
+    state = load_state_dict(variant.variant_dir(parent, "pruned") / meta["checkpoint"])
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_model("resnet18", 10).load_state_dict(state)
+    _, reloaded = variant.load_float_variant(parent, "pruned")
+    assert reloaded.conv1.out_channels == 32 and reloaded.fc.in_features == 256
+    assert fp32_predictions(reloaded, test_inputs) == out["pred"]
+
+
+def test_int8_stacks_on_the_pruned_variant(parent: Path, eager: tuple, test_inputs: Path) -> None:
+    parent_meta, model = eager
+    if not (variant.variant_dir(parent, "pruned") / "model.pth").is_file():
+        prune_structured.make(parent, parent_meta, model, ratio=0.5, epochs=1, progress=False)
+    meta, source = quantize.make(parent, parent_meta, model, "static", calibration_images=128, source="pruned")
+    check_variant_metadata(meta, parent, "pruned_int8", "static_int8_quantization")
+    assert meta["cpu_only"] is True and meta["recipe"]["args"]["source"]["variant"] == "pruned"
+    assert meta["recipe"]["args"]["source"]["recipe"]["technique"] == "structured_channel_prune"
+    assert source.conv1.out_channels == 32  # quantized the pruned network, not the parent
+    assert count_macs(source, 32) < 0.3 * count_macs(model, 32)
+    out = run_artifact(variant.variant_dir(parent, "pruned_int8") / "model.pt", test_inputs, parent)
+    assert "quantized::conv2d_relu" in out["quantized_ops"]
+    assert agreement(out["pred"], fp32_predictions(source, test_inputs)) >= 0.9
+    with pytest.raises(FileNotFoundError, match="build it first"):
+        quantize.make(parent, parent_meta, model, "static", source="no_such_variant")
 
 
 def test_static_int8_has_int8_weights_and_matches_fp32(parent: Path, eager: tuple, tiny_splits: Splits,
@@ -201,6 +224,9 @@ def test_distillation_trains_a_loadable_student(parent: Path, eager: tuple, test
     out = run_artifact(variant.variant_dir(parent, "distilled") / "model.pt", test_inputs, parent)
     assert out["pred"][:64] == logits.argmax(1).tolist()
     assert len(meta["training"]["history"]) == 2
+    # It learned in eval mode too: BatchNorm running statistics track the weights (the momentum fix),
+    # so inputs do not collapse to one class.
+    assert len(set(out["pred"])) >= 8 and meta["metrics"]["test"]["top1"] >= 0.5
 
 
 def test_pipeline_writes_variants_and_report(parent: Path) -> None:
@@ -220,6 +246,9 @@ def test_pipeline_writes_variants_and_report(parent: Path) -> None:
     assert "int8" in report["targets"] and "met" in report["targets"]["int8"]
     md = (parent / "optimization" / "report.md").read_text()
     assert "| int8 |" in md and "bs1 latency ms" in md
+    ceiling = report["kernel_ceiling"]
+    assert len(ceiling["layers"]) == 4 and ceiling["int8_gmacs_max"] > 0 and ceiling["int8_speedup_bound"] > 0
+    assert "## Kernel ceiling on this CPU" in md
     assert (parent / "optimization" / "report.png").stat().st_size > 10_000
     int8 = metadata.read(variant.variant_dir(parent, "int8"))
     assert int8["metrics"]["speed"]["threads"] == 2 and int8["profile"]["macs"] == rows["int8"]["macs"]
@@ -235,3 +264,7 @@ def test_pipeline_rejects_unknown_variant(parent: Path, capsys: pytest.CaptureFi
         optimize.parse_args([str(parent), "--variants", "int8,int4"])
     assert e.value.code == 2
     assert "unknown variant(s) int4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        optimize.parse_args([str(parent), "--variants", "pruned_int8,pruned"])
+    assert e.value.code == 2
+    assert "pruned_int8 is made from pruned; list pruned before it" in capsys.readouterr().err

@@ -77,15 +77,27 @@ def cached_teacher_loss(teacher_logits: torch.Tensor, temperature: float, alpha:
     return loss
 
 
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
+    """mobilenet_v3 ships BatchNorm momentum 0.01, tuned for ImageNet's ~500k steps. A from-scratch student
+    on a small dataset takes a few hundred steps, so its running statistics would still mostly be the init
+    values (mean 0, var 1) while the weights have moved on: eval mode then shrinks the signal to nothing and
+    every input gets the same logits."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+
+
 def make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module,
          student_arch: str = "mobilenet_v3_small", temperature: float = 4.0, alpha: float = 0.7, epochs: int = 12,
          lr: float = 3e-3, batch_size: int = 32, seed: int = 0, name: str = "distilled",
-         progress: bool = True, live_teacher: bool = False) -> tuple[dict[str, Any], torch.nn.Module]:
+         progress: bool = True, live_teacher: bool = False,
+         bn_momentum: float = 0.1) -> tuple[dict[str, Any], torch.nn.Module]:
     if temperature <= 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, got T={temperature}, alpha={alpha}")
     device = torch.device("cpu")
     seed_everything(seed)
     student = build_model(student_arch, parent_meta["num_classes"]).to(memory_format=torch.channels_last)
+    set_bn_momentum(student, bn_momentum)
     splits = splits_for(parent_meta)
     use_bf16 = bf16_autocast_helps(device)
     print(f"{name}: teacher {parent_meta['architecture']} ({count_params(parent) / 1e6:.2f}M params) -> student "

@@ -10,8 +10,9 @@ is never pruned (it must keep one logit per class). Pruning `ratio` of the chann
 removes about 1 - (1 - ratio)^2 of the MACs (75% at 0.5), and the smaller tensors run faster on
 ordinary dense kernels. A short fine-tune on the training split (training.train.fit) recovers accuracy.
 
-The pruned shapes differ from torchvision's architecture, so the variant has no state_dict checkpoint;
-its artifact is frozen TorchScript, which carries the shapes with it.
+The served artifact is frozen TorchScript, which carries the pruned shapes with it. The float weights are
+kept too (model.pth): handlers.loading.fit_shapes resizes the torchvision architecture to them, so other
+techniques can be stacked on the pruned model (python -m training.quantize --source pruned).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module,
                                     "autocast": "bf16" if cfg.use_bf16 else "off"}}}
     meta = variant.write_variant(
         parent_dir, name, scripted, recipe,
-        export={"method": "torch.jit.script+freeze", "parity": parity},
+        export={"method": "torch.jit.script+freeze", "parity": parity}, state_dict=model.state_dict(),
         extra={"pruning": {"before": before, "after": after,
                            "macs_removed": round(1 - after["macs"] / before["macs"], 4),
                            "params_removed": round(1 - after["params"] / before["params"], 4)},

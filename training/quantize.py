@@ -3,6 +3,7 @@
     python -m training.quantize artifacts/resnet18                       # static int8 -> variants/int8
     python -m training.quantize artifacts/resnet18 --calibration-images 512
     python -m training.quantize artifacts/mylstm --mode dynamic          # -> variants/dynamic_int8
+    python -m training.quantize artifacts/resnet18 --source pruned       # pruned, then int8 -> variants/pruned_int8
 
 Static: FX graph mode (prepare_fx with the x86 qconfig mapping: per-channel int8 weights, histogram-
 calibrated uint8 activations), calibrated on un-augmented training images, convert_fx, then
@@ -11,6 +12,9 @@ it without any Python model code. Why FX and not torch.export/PT2E (torchao): on
 path exports to TorchScript, the format our handler already serves, and it works for torchvision
 CNNs; the PT2E path produces an ExportedProgram and failed here once with "Input partition has more
 than one output node", so it stays a forward-looking option.
+
+--source stacks quantization on a float variant (the structurally pruned model): the two compose, since
+pruning removes MACs and int8 makes each remaining MAC cheaper. The gate still compares with the fp32 parent.
 
 Dynamic: weights of nn.Linear / nn.LSTM / nn.GRU stored in int8, activations quantized on the fly.
 It pays off where those layers dominate (transformers, RNNs); for a CNN it only touches the classifier.
@@ -99,16 +103,25 @@ def int8_weights(module: torch.nn.Module) -> int:
 
 def make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module, mode: str = "static",
          calibration_images: int = 512, seed: int = 0, name: str | None = None,
-         backend: str = "x86", progress: bool = True) -> tuple[dict[str, Any], torch.nn.Module]:
-    """Quantize the parent, export to TorchScript, check it against the quantized model, write the variant."""
+         backend: str = "x86", progress: bool = True,
+         source: str | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Quantize the parent (or the float variant `source`), export to TorchScript, check it against the
+    quantized model, write the variant. Returns the float model it was made from."""
+    stacked_on: dict[str, Any] = {}
+    if source:
+        source_meta, parent = variant.load_float_variant(parent_dir, source)
+        stacked_on = {"source": {"variant": source, "recipe": source_meta["recipe"],
+                                 "top1": source_meta["metrics"]["test"]["top1"]}}
     with any_algorithms():  # quantized kernels have no deterministic variants; they only warn
-        return _make(parent_dir, parent_meta, parent, mode, calibration_images, seed, name, backend, progress)
+        meta, _ = _make(parent_dir, parent_meta, parent, mode, calibration_images, seed,
+                        name or "_".join(filter(None, (source, "int8" if mode == "static" else "dynamic_int8"))),
+                        backend, progress, stacked_on)
+    return meta, parent
 
 
 def _make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module, mode: str,
-          calibration_images: int, seed: int, name: str | None, backend: str,
-          progress: bool) -> tuple[dict[str, Any], torch.nn.Module]:
-    name = name or ("int8" if mode == "static" else "dynamic_int8")
+          calibration_images: int, seed: int, name: str, backend: str,
+          progress: bool, stacked_on: dict[str, Any]) -> tuple[dict[str, Any], torch.nn.Module]:
     splits = splits_for(parent_meta)
     if mode == "static":
         calibration = calibration_subset(splits, calibration_images, seed)
@@ -133,7 +146,7 @@ def _make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module
     n_int8 = int8_weights(quantized)
     print(f"{name}: {mode} int8 ({backend if mode == 'static' else 'dynamic'}), {n_int8} int8 weight tensors, "
           f"export matches the quantized model (max |diff| {parity['max_abs_diff']:.2g}); CPU-only")
-    recipe = {"technique": f"{mode}_int8_quantization", "args": args}
+    recipe = {"technique": f"{mode}_int8_quantization", "args": {**args, **stacked_on}}
     with quantization_warnings():
         meta = variant.write_variant(
             parent_dir, name, scripted, recipe, cpu_only=True,
@@ -150,12 +163,13 @@ def main() -> None:
     ap.add_argument("--calibration-images", type=int, default=512, help="training images used to calibrate")
     ap.add_argument("--backend", default="x86", choices=("x86", "fbgemm", "onednn", "qnnpack"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default=None, help="variant name (default int8 or dynamic_int8)")
+    ap.add_argument("--source", default=None, help="quantize this float variant (e.g. pruned) instead of the parent")
+    ap.add_argument("--name", default=None, help="variant name (default [<source>_]int8 or dynamic_int8)")
     args = ap.parse_args()
     try:
         parent_meta, parent = variant.load_parent(args.parent_dir)
         meta, _ = make(args.parent_dir, parent_meta, parent, args.mode, args.calibration_images, args.seed,
-                       args.name, args.backend)
+                       args.name, args.backend, source=args.source)
     except (FileNotFoundError, ValueError, ParityError) as e:
         sys.exit(f"error: {e}")
     print(variant.describe(meta))

@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,50 @@ def benchmark(
         }
         for name in models
     }
+
+
+# 3x3 convolutions at the four stage widths of a ResNet on 224 px input (channels, feature map side).
+CEILING_CONVS = ((64, 56), (128, 28), (256, 14), (512, 7))
+
+
+@torch.inference_mode()
+def kernel_ceiling(threads: int = 2, batch: int = 8, calls: int = 15) -> dict[str, Any]:
+    """The fastest the CPU's conv kernels go: GMAC/s of one fp32 and one int8 3x3 conv layer per ResNet stage.
+
+    A conv net's throughput cannot beat its kernels, so int8 conv GMAC/s divided by the fp32 eager model's
+    GMAC/s bounds the int8 speedup that quantization alone can reach on this machine.
+    """
+    from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
+
+    def median_seconds(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    fp32, int8 = [], []
+    with thread_count(threads), any_algorithms(), warnings.catch_warnings():
+        # Quantized tensor constructors are deprecated in torch 2.14 (still the kernels int8 models run).
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+        for channels, side in CEILING_CONVS:
+            x = torch.randn(batch, channels, side, side).contiguous(memory_format=torch.channels_last)
+            conv = torch.nn.Conv2d(channels, channels, 3, padding=1).eval().to(memory_format=torch.channels_last)
+            qconv = QuantizedConv2d(channels, channels, 3, padding=1)
+            scales = conv.weight.detach().abs().amax(dim=(1, 2, 3)) / 127
+            qconv.set_weight_bias(torch.quantize_per_channel(conv.weight.detach(), scales,
+                                                             torch.zeros(channels, dtype=torch.long), 0, torch.qint8),
+                                  conv.bias.detach())
+            qx = torch.quantize_per_tensor(x, float(x.abs().max()) / 127, 128, torch.quint8)
+            macs = batch * channels * channels * 9 * side * side
+            fp32.append(macs / median_seconds(lambda: conv(x)) / 1e9)  # noqa: B023 (called at once)
+            int8.append(macs / median_seconds(lambda: qconv(qx)) / 1e9)  # noqa: B023
+    return {"layers": [{"channels": c, "side": s, "fp32_gmacs": round(a, 1), "int8_gmacs": round(b, 1)}
+                       for (c, s), a, b in zip(CEILING_CONVS, fp32, int8, strict=True)],
+            "fp32_gmacs_max": round(max(fp32), 1), "int8_gmacs_max": round(max(int8), 1),
+            "quantized_engine": torch.backends.quantized.engine, "threads": threads, "batch": batch}
 
 
 def main() -> None:

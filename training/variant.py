@@ -6,7 +6,7 @@ variants share one layout and one metadata schema:
     <parent_dir>/variants/<variant>/model.pt        frozen TorchScript (the served artifact)
     <parent_dir>/variants/<variant>/metadata.json   the parent's, plus variant, recipe, parent, metrics
     <parent_dir>/variants/<variant>/eval/test/      report.json + confusion_matrix.png
-    <parent_dir>/variants/<variant>/model.pth       only when the weights load into build_model(architecture)
+    <parent_dir>/variants/<variant>/model.pth       float weights, when they load into build_model(architecture)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from handlers.deprecations import known_deprecations
-from handlers.loading import build_model, load_model, load_state_dict
+from handlers.loading import build_model, fit_shapes, load_model, load_state_dict
 from training import metadata
 from training.evaluate import classification_metrics, predict, splits_for, summary, write_report
 
@@ -51,6 +51,21 @@ def load_parent(parent_dir: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     return meta, model.to(memory_format=torch.channels_last).eval()
 
 
+def load_float_variant(parent_dir: Path, name: str) -> tuple[dict[str, Any], torch.nn.Module]:
+    """A float variant (e.g. pruned) as an eager model, to stack another technique on it (e.g. int8)."""
+    vdir = variant_dir(parent_dir, name)
+    if not (vdir / metadata.METADATA_FILE).is_file():
+        raise FileNotFoundError(f"variant {vdir} not found; build it first, e.g. "
+                                f"python -m training.optimize {parent_dir} --variants {name}")
+    meta = metadata.read(vdir)
+    if not meta.get("checkpoint"):
+        raise ValueError(f"variant {name} keeps no float checkpoint (model.pth), so nothing can be stacked on it")
+    state = load_state_dict(vdir / meta["checkpoint"])
+    model = fit_shapes(build_model(meta["architecture"], meta["num_classes"]), state)
+    model.load_state_dict(state)
+    return meta, model.to(memory_format=torch.channels_last).eval()
+
+
 def parent_record(parent_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """What a variant says about where it came from: the parent's dir, checkpoint hash and test metrics."""
     checkpoint = Path(parent_dir) / meta["checkpoint"]
@@ -72,7 +87,8 @@ def write_variant(
 ) -> dict[str, Any]:
     """Save `scripted` as the variant's artifact, evaluate the saved file on the test split, write metadata.
 
-    `state_dict` is kept as the variant's checkpoint only if it loads into build_model(architecture).
+    `state_dict` is kept as the variant's checkpoint only if it loads into build_model(architecture), resized
+    to its shapes (fit_shapes) where channels were pruned.
     """
     parent_dir = Path(parent_dir)
     parent_meta = parent_metadata(parent_dir)
@@ -98,8 +114,8 @@ def write_variant(
     )
     meta.pop("checkpoint", None)
     if state_dict is not None:
-        probe = build_model(meta["architecture"], meta["num_classes"])
-        probe.load_state_dict(state_dict)  # raises if the shapes changed: then it is no checkpoint
+        probe = fit_shapes(build_model(meta["architecture"], meta["num_classes"]), state_dict)
+        probe.load_state_dict(state_dict)  # raises if the graph changed: then it is no checkpoint
         torch.save({k: v.cpu() for k, v in state_dict.items()}, out / metadata.STATE_DICT_FILE)
         meta["checkpoint"] = metadata.STATE_DICT_FILE
 
