@@ -187,6 +187,7 @@ def plot(path: Path, report: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     sizes = [r["size_bytes"] / 1e6 for r in report["rows"]]
@@ -203,6 +204,8 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     ax.axhline(parent - report["budget_pt"], color="tab:red", ls="--", lw=1,
                label=f"gate: fp32 {parent:.2f}% - {report['budget_pt']} pt")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 3, 10, 30 ms rather than 3×10⁰
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"in-process latency at batch 1, ms (median, {report['environment']['threads']} threads, log scale)")
     ax.set_ylabel("held-out test top-1, %")
     ax.set_title(f"{report['parent']['architecture']} variants: accuracy vs latency (marker area = size on disk;\n"
