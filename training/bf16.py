@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch.fx.experimental.optimization import fuse
 
 from training import variant
 from training.evaluate import splits_for
-from training.export import ParityError, check_parity, to_torchscript
+from training.export import check_parity, to_torchscript
 
 
 class Bf16Model(torch.nn.Module):
@@ -57,13 +56,7 @@ def main() -> None:
     ap.add_argument("parent_dir", type=Path, help="trained fp32 model directory")
     ap.add_argument("--name", default="bf16", help="variant name (directory under variants/)")
     args = ap.parse_args()
-    try:
-        parent_meta, parent = variant.load_parent(args.parent_dir)
-        meta, _ = make(args.parent_dir, parent_meta, parent, args.name)
-    except (FileNotFoundError, ValueError, ParityError) as e:
-        sys.exit(f"error: {e}")
-    print(variant.describe(meta))
-    print(f"written: {variant.variant_dir(args.parent_dir, args.name)}")
+    variant.run_cli(args.parent_dir, lambda d, m, e: make(d, m, e, args.name))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ checkpoint next to its TorchScript artifact.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset
 from handlers.loading import build_model
 from training import variant
 from training.evaluate import predict, splits_for
-from training.export import ParityError, check_parity, to_torchscript
+from training.export import check_parity, to_torchscript
 from training.speed import count_params
 from training.train import FitConfig, LossFn, bf16_autocast_helps, fit, seed_everything
 
@@ -148,14 +147,9 @@ def main() -> None:
     ap.add_argument("--live-teacher", action="store_true", help="run the teacher on every augmented batch")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()
-    try:
-        parent_meta, parent = variant.load_parent(args.parent_dir)
-        meta, _ = make(args.parent_dir, parent_meta, parent, args.student, args.temperature, args.alpha,
-                       args.epochs, args.lr, args.batch_size, args.seed, args.name, args.progress, args.live_teacher)
-    except (FileNotFoundError, ValueError, ParityError) as e:
-        sys.exit(f"error: {e}")
-    print(variant.describe(meta))
-    print(f"written: {variant.variant_dir(args.parent_dir, args.name)}")
+    variant.run_cli(args.parent_dir, lambda d, m, e: make(
+        d, m, e, args.student, args.temperature, args.alpha, args.epochs, args.lr, args.batch_size, args.seed,
+        args.name, args.progress, args.live_teacher))
 
 
 if __name__ == "__main__":

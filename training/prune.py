@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch.nn.utils import prune
 
 from training import variant
 from training.evaluate import splits_for
-from training.export import ParityError, check_parity, to_torchscript
+from training.export import check_parity, to_torchscript
 
 PRUNABLE = (torch.nn.Conv2d, torch.nn.Linear)
 
@@ -81,13 +80,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5, help="share of conv/linear weights to zero (0..1)")
     ap.add_argument("--name", default="sparse", help="variant name (directory under variants/)")
     args = ap.parse_args()
-    try:
-        parent_meta, parent = variant.load_parent(args.parent_dir)
-        meta, _ = make(args.parent_dir, parent_meta, parent, args.sparsity, args.name)
-    except (FileNotFoundError, ValueError, ParityError) as e:
-        sys.exit(f"error: {e}")
-    print(variant.describe(meta))
-    print(f"written: {variant.variant_dir(args.parent_dir, args.name)}")
+    variant.run_cli(args.parent_dir, lambda d, m, e: make(d, m, e, args.sparsity, args.name))
 
 
 if __name__ == "__main__":

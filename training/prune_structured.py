@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch_pruning as tp
 
 from training import variant
 from training.evaluate import splits_for
-from training.export import ParityError, check_parity, to_torchscript
+from training.export import check_parity, to_torchscript
 from training.speed import count_macs, count_params
 from training.train import FitConfig, bf16_autocast_helps, fit, seed_everything
 
@@ -117,14 +116,8 @@ def main() -> None:
     ap.add_argument("--name", default="pruned", help="variant name (directory under variants/)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()
-    try:
-        parent_meta, parent = variant.load_parent(args.parent_dir)
-        meta, _ = make(args.parent_dir, parent_meta, parent, args.ratio, args.epochs, args.lr, args.batch_size,
-                       args.seed, args.name, args.progress)
-    except (FileNotFoundError, ValueError, ParityError) as e:
-        sys.exit(f"error: {e}")
-    print(variant.describe(meta))
-    print(f"written: {variant.variant_dir(args.parent_dir, args.name)}")
+    variant.run_cli(args.parent_dir, lambda d, m, e: make(
+        d, m, e, args.ratio, args.epochs, args.lr, args.batch_size, args.seed, args.name, args.progress))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from torch.utils.data import Subset
 from training import variant
 from training.data import Splits
 from training.evaluate import predict, splits_for
-from training.export import ParityError, check_parity, to_torchscript
+from training.export import check_parity, to_torchscript
 from training.speed import any_algorithms
 
 DYNAMIC_TYPES = (torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU)
@@ -166,14 +165,8 @@ def main() -> None:
     ap.add_argument("--source", default=None, help="quantize this float variant (e.g. pruned) instead of the parent")
     ap.add_argument("--name", default=None, help="variant name (default [<source>_]int8 or dynamic_int8)")
     args = ap.parse_args()
-    try:
-        parent_meta, parent = variant.load_parent(args.parent_dir)
-        meta, _ = make(args.parent_dir, parent_meta, parent, args.mode, args.calibration_images, args.seed,
-                       args.name, args.backend, source=args.source)
-    except (FileNotFoundError, ValueError, ParityError) as e:
-        sys.exit(f"error: {e}")
-    print(variant.describe(meta))
-    print(f"written: {variant.variant_dir(args.parent_dir, meta['variant'])}")
+    variant.run_cli(args.parent_dir, lambda d, m, e: make(
+        d, m, e, args.mode, args.calibration_images, args.seed, args.name, args.backend, source=args.source))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from handlers.deprecations import known_deprecations
 from handlers.loading import build_model, fit_shapes, load_model, load_state_dict
 from training import metadata
 from training.evaluate import classification_metrics, predict, splits_for, summary, write_report
+from training.export import ParityError
 
 VARIANTS_DIR = "variants"
 
@@ -129,6 +132,19 @@ def write_variant(
     write_report(out / "eval" / "test", result, meta["labels"], title)
     metadata.write(out, meta)
     return meta
+
+
+def run_cli(parent_dir: Path, make: Callable[[Path, dict[str, Any], torch.nn.Module], tuple[dict[str, Any], Any]]
+            ) -> None:
+    """The end of every technique's command line: load the parent, make the variant, report, or exit 1 with
+    the reason (missing checkpoint, bad argument, failed export parity)."""
+    try:
+        parent_meta, parent = load_parent(parent_dir)
+        meta, _ = make(parent_dir, parent_meta, parent)
+    except (FileNotFoundError, ValueError, ParityError) as e:
+        sys.exit(f"error: {e}")
+    print(describe(meta))
+    print(f"written: {variant_dir(parent_dir, meta['variant'])}")
 
 
 def describe(meta: dict[str, Any]) -> str:
