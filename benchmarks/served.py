@@ -102,11 +102,12 @@ class Bench:
     def close(self) -> None:
         self.ts.stop()
 
-    def register(self, name: str, mar: str, timeout: float = 180) -> float:
-        """Load an archive from the store synchronously; seconds until its worker is READY."""
+    def register(self, name: str, mar: str, timeout: float = 180, workers: int = 1) -> float:
+        """Load an archive from the store synchronously; seconds until its workers are READY. An archive's
+        model-config.yaml (minWorkers) takes precedence over `workers`."""
         t0 = time.monotonic()
         r = self.ts.manage("POST", "/models", params={"url": mar, "model_name": name, "synchronous": "true",
-                                                      "initial_workers": "1"}, timeout=timeout)
+                                                      "initial_workers": str(workers)}, timeout=timeout)
         if not r.ok:
             raise RuntimeError(f"registering {mar} failed ({r.status_code}): {r.text[:300]}\n{self.ts.log_tail()}")
         self.ts.wait_ready(name, timeout)

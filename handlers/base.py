@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "compile": False,  # torch.compile the model (eager/state_dict artifacts only)
     "amp": "none",  # "bf16" | "fp16" autocast on GPU
     "gpu_decode": False,  # nvjpeg JPEG decoding on GPU workers
+    "threads": "auto",  # torch intra-op threads per worker; auto: this machine's cores / maxWorkers
 }
 BASE64_KEYS = ("data", "image", "b64")
 
@@ -64,6 +66,8 @@ class ModelHandler(BaseHandler):
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.options = {**DEFAULTS, **(yaml_cfg.get("handler") or {})}
         self.device = self.pick_device(props.get("gpu_id"))
+        self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
+        torch.set_num_threads(self.threads)
         self.model = load_model(self.model_dir, self.meta, self.device)
         if self.options["compile"] and self.meta["format"] == "state_dict":
             self.model = torch.compile(self.model)
@@ -74,7 +78,8 @@ class ModelHandler(BaseHandler):
         self.setup()
         self.warm_up()
         self.initialized = True
-        logger.info("%s %s (%s) ready on %s", self.model_name, self.version, self.meta["variant"], self.device)
+        logger.info("%s %s (%s) ready on %s, %d torch threads", self.model_name, self.version, self.meta["variant"],
+                    self.device, self.threads)
 
     # --- hooks for subclasses -------------------------------------------------------------
     def setup(self) -> None:
@@ -115,6 +120,18 @@ class ModelHandler(BaseHandler):
             logger.info("variant %s is CPU-only; ignoring gpu_id %s", self.meta.get("variant"), gpu_id)
             return torch.device("cpu")
         return torch.device(f"cuda:{gpu_id}")
+
+    def pick_threads(self, workers: int) -> int:
+        """Workers of one model share the machine's cores. torch's default (every core in each worker)
+        oversubscribes them as soon as there are two workers: on 2 cores, 2 workers x 2 threads served
+        a third of what 2 workers x 1 thread did (benchmarks/results/threads.json)."""
+        value = self.options["threads"]
+        if value == "auto":
+            return max(1, len(os.sched_getaffinity(0)) // max(1, int(workers)))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"handler option threads must be a positive integer or 'auto', got {value!r}; "
+                             "fix it in model-config.yaml and rebuild the archive")
+        return value
 
     def amp_dtype(self) -> torch.dtype | None:
         if self.device.type != "cuda":

@@ -268,3 +268,16 @@ def test_pipeline_rejects_unknown_variant(parent: Path, capsys: pytest.CaptureFi
         optimize.parse_args([str(parent), "--variants", "pruned_int8,pruned"])
     assert e.value.code == 2
     assert "pruned_int8 is made from pruned; list pruned before it" in capsys.readouterr().err
+
+
+def test_technique_cli_explains_what_is_missing(parent: Path, tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "training.quantize", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=300)
+
+    result = cli(str(tmp_path))  # no trained model there
+    assert result.returncode == 1
+    assert f"error: {tmp_path}/metadata.json not found" in result.stderr and "training.train" in result.stderr
+    result = cli(str(parent), "--source", "missing_variant")
+    assert result.returncode == 1
+    assert "variant" in result.stderr and "build it first" in result.stderr
