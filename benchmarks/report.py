@@ -56,6 +56,32 @@ def served_table(rows: list[dict[str, Any]], input_name: str) -> list[str]:
     return out
 
 
+def cpu_table(result: dict[str, Any]) -> list[str]:
+    """Per-process CPU time per request at each server's highest concurrency on the digits, next to what the
+    same variant costs in-process (its threads x wall time per image, batch as served, decode included)."""
+    rows = [r for r in result["served"] if r["input"] == "digits" and r["server_metrics"].get("cpu_ms_per_request")]
+    if not rows:
+        return []
+    top = max(r["concurrency"] for r in rows)
+    threads = result["machine"]["torch_threads"]
+    inproc = {(r["variant"], r["batch"]): r for r in result["inprocess"] if r["decode"]}
+    out = ["", f"## Where the CPU goes (digits, {top} connections)", "",
+           "CPU ms per answered request, from each process's user+system time over the run (psutil; wrk from "
+           "getrusage). In-process: the handler alone, threads × wall ms per image.", "",
+           "| server | variant | workers × threads | frontend (Java) | workers (Python) | wrk | total "
+           "| cores busy | in-process |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["concurrency"] != top:
+            continue
+        c = r["server_metrics"]["cpu_ms_per_request"]
+        ip = inproc.get((r["variant"], r["batch_size"])) if r["server"] == "ours" else None
+        out.append(f"| {r['server']} | {r['variant']} | {r.get('workers', 1)} × {r.get('threads', 'default')} | "
+                   f"{c['frontend']:.2f} | {c['workers']:.2f} | {c['load_generator']:.2f} | "
+                   f"{sum(c.values()):.2f} | {100 * r['server_metrics']['cpu_busy_share']:.0f}% | "
+                   f"{fmt(threads * 1000 / ip['images_per_s'], 2) if ip else '-'} |")
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, v = result["machine"], result["versions"]
     lines = [
@@ -86,6 +112,7 @@ def markdown(result: dict[str, Any]) -> str:
               "in-server ms are per-request means from TorchServe's counters over the run (in-server includes "
               "queue); handler ms is the last batch's gauge (stock: HandlerTime; ours: preprocess + inference + "
               "postprocess)."]
+    lines += cpu_table(result)
     lines += ["", "## In-process ceiling (handler called directly, digits)", "",
               "| variant | batch | decode+preprocess | ms/batch | images/s |", "|---|---:|---|---:|---:|"]
     for r in result["inprocess"]:

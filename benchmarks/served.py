@@ -7,12 +7,15 @@ benchmark instance only, so each configuration is loaded, measured alone and unl
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 from benchmarks import load
@@ -128,12 +131,51 @@ class Bench:
 
     def measure(self, name: str, list_file: Path, concurrency: int, duration_s: float,
                 think_ms: float = 0.0) -> tuple[load.LoadResult, dict[str, Any]]:
-        """wrk against /predictions/<name>, plus the server-side queue/handler time of those requests."""
+        """wrk against /predictions/<name>, plus the server-side queue/handler time of those requests and
+        the CPU time each process spent on them."""
         before = parse_prometheus(self.ts.metrics(), name)
+        group = self.ts.proc.pid if self.ts.proc else os.getpgid(0)
+        cpu_before, wrk_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
         result = load.run(self.ts.url("inference", f"/predictions/{name}"), self.ts.keys()["inference"],
                           list_file, concurrency, duration_s, think_ms=think_ms)
+        wall = time.monotonic() - t0
+        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(group).items()}
+        cpu["load_generator"] = children_cpu_seconds() - wrk_before
         after = parse_prometheus(self.ts.metrics(), name)
-        return result, server_side(before, after)
+        return result, {**server_side(before, after), **cpu_profile(cpu, result.requests, wall)}
+
+
+def cpu_seconds(group: int) -> dict[str, float]:
+    """User+system CPU seconds so far of TorchServe's processes: the Java frontend and the Python workers."""
+    out = {"frontend": 0.0, "workers": 0.0}
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if os.getpgid(p.pid) != group:
+                continue
+            role = "frontend" if "java" in (p.info["name"] or "") else (
+                "workers" if "model_service_worker" in " ".join(p.info["cmdline"] or []) else None)
+            if role:
+                t = p.cpu_times()
+                out[role] += t.user + t.system
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return out
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children (wrk runs as one, and is waited for)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_profile(cpu: dict[str, float], requests: int, wall_s: float) -> dict[str, Any]:
+    """Where the machine's CPU went during one run: ms per request by process, and the share of all cores
+    in use. Workers' time covers decode, preprocessing, the model and TorchServe's Python protocol code."""
+    if requests <= 0 or wall_s <= 0:
+        return {}
+    cores = len(os.sched_getaffinity(0))
+    return {"cpu_ms_per_request": {k: round(1000 * v / requests, 3) for k, v in cpu.items()},
+            "cpu_busy_share": round(sum(cpu.values()) / (wall_s * cores), 3)}
 
 
 def server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -26,6 +27,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     # tests/test_reliability.py: the CI form is the default; longer soaks by flag.
     parser.addoption("--soak-seconds", type=float, default=120, help="soak duration at ~80%% of max (default 120)")
     parser.addoption("--figures-out", type=Path, default=None, help="write the reliability figures as JSON here")
+
+
+TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """A handler initialized in the test process sizes torch's threads for a worker (cores / workers);
+    put the process default back so later tests train and time at full speed."""
+    yield
+    torch.set_num_threads(TORCH_THREADS)
 
 
 def train_tiny(out: Path, *extra: str) -> Path:

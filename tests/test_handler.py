@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torchvision.io import encode_jpeg, encode_png
 
 from handlers.image_classifier import ImageClassifier
@@ -44,6 +46,22 @@ def offline_labels(eager: torch.nn.Module, meta: dict, blobs: list[bytes]) -> li
     batch = Normalizer(meta["mean"], meta["std"])(resize_batch([decode_image(b) for b in blobs], meta["input_size"]))
     with torch.inference_mode():
         return [meta["labels"][i] for i in eager(batch).argmax(1).tolist()]
+
+
+def test_threads_per_worker(handler, model_dir: Path) -> None:
+    h, _ = handler
+    cores = len(os.sched_getaffinity(0))
+    workers = yaml.safe_load((model_dir / "model-config.yaml").read_text())["maxWorkers"]
+    assert h.threads == max(1, cores // workers)  # the shipped config: threads auto
+    probe = ImageClassifier()
+    probe.options = {"threads": "auto"}
+    assert probe.pick_threads(1) == cores and probe.pick_threads(4 * cores) == 1
+    probe.options = {"threads": 3}
+    assert probe.pick_threads(2) == 3
+    for bad in ("many", 0, True, 1.5):
+        probe.options = {"threads": bad}
+        with pytest.raises(ValueError, match="threads must be a positive integer or 'auto'.*model-config.yaml"):
+            probe.pick_threads(1)
 
 
 def test_png_jpeg_and_base64_predictions_match_offline_eager(handler, eager, tiny_meta, tiny_splits) -> None:

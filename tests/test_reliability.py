@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from torchvision.io import encode_png
 
 from deploy.client import InferenceClient, PredictionError
@@ -105,12 +106,15 @@ def max_rps(server: TorchServe, images: list[tuple[bytes, str]], reference: list
         ramp = drive(good_sender(poster, images, reference), RAMP_S, concurrency=8)
         assert not ramp.errors(), ramp.errors()[:3]
         FIGURES["max_rps"] = round(ramp.rps, 1)
-        FIGURES["max_rps_command"] = "closed loop, 8 threads, tiny resnet18 @ 32 px, 1 worker, batch 8 / 5 ms"
+        cfg = yaml.safe_load((ROOT / "handlers" / "model-config.yaml").read_text())
+        FIGURES["max_rps_command"] = (f"closed loop, 8 threads, tiny resnet18 @ 32 px, {cfg['minWorkers']} worker(s), "
+                                      f"batch {cfg['batchSize']} / {cfg['maxBatchDelay']} ms")
     return float(FIGURES["max_rps"])  # type: ignore[arg-type]
 
 
 def worker_rss(server: TorchServe) -> int:
-    return psutil.Process(server.worker_pids("digits")[0]).memory_info().rss
+    """All of the model's workers together (the shipped config may run several)."""
+    return sum(psutil.Process(pid).memory_info().rss for pid in server.worker_pids("digits"))
 
 
 def test_soak_at_80_percent_of_max_has_zero_errors_and_flat_worker_memory(server, images, reference,
@@ -120,14 +124,14 @@ def test_soak_at_80_percent_of_max_has_zero_errors_and_flat_worker_memory(server
     poster = Poster(server.url("inference"), server.keys()["inference"])
     send = good_sender(poster, images, reference)
     warm = drive(send, WARMUP_S, concurrency=8, rate=rate)
-    pid = server.worker_pids("digits")[0]
+    pids = server.worker_pids("digits")
     baseline = worker_rss(server)
     samples: list[int] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(2.0):
-            samples.append(psutil.Process(pid).memory_info().rss)
+            samples.append(sum(psutil.Process(p).memory_info().rss for p in pids))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -144,14 +148,14 @@ def test_soak_at_80_percent_of_max_has_zero_errors_and_flat_worker_memory(server
     java_after = sum(p.memory_info().rss for p in frontend.children(recursive=True) if "java" in p.name()) \
         if frontend else 0
     FIGURES["soak"] = {**soak.summary(), "warmup": warm.summary(), "load_share": LOAD_SHARE,
-                       "worker_rss_mb_after_warmup": round(baseline / 2**20, 1),
+                       "workers": len(pids), "worker_rss_mb_after_warmup": round(baseline / 2**20, 1),
                        "worker_rss_mb_max": round(max(samples) / 2**20, 1),
                        "worker_rss_growth_pct": round(100 * growth, 2),
                        "frontend_rss_mb": [round(java_before / 2**20, 1), round(java_after / 2**20, 1)]}
     assert not warm.errors() and not soak.errors(), (warm.errors() + soak.errors())[:3]
     assert len(soak.outcomes) >= 0.5 * rate * soak_s, f"the driver fell far behind: {soak.summary()}"
     assert growth <= RSS_GROWTH_MAX, f"worker RSS grew {100 * growth:.1f}% after warm-up: {FIGURES['soak']}"
-    assert server.worker_pids("digits") == [pid] and not server.worker_deaths()
+    assert server.worker_pids("digits") == pids and not server.worker_deaths()
 
 
 def test_hostile_inputs_mixed_into_load_change_nothing_for_good_requests(server, images, reference,
@@ -215,13 +219,14 @@ def test_kill_9_of_a_worker_recovers_and_the_production_client_loses_nothing(ser
     try:
         time.sleep(3)
         old = server.worker_pids("digits")
-        assert len(old) == 1
+        assert old, "no worker to kill"
         killed_at = time.monotonic()
-        os.kill(old[0], signal.SIGKILL)
+        for pid in old:  # every worker of the model at once: nothing is left to answer until one restarts
+            os.kill(pid, signal.SIGKILL)
         ready_s = None
         while time.monotonic() - killed_at < 60:
             workers = [w for m in server.describe("digits") for w in m.get("workers", [])]
-            if any(w.get("status") == "READY" and w.get("pid") and int(w["pid"]) != old[0] for w in workers):
+            if any(w.get("status") == "READY" and w.get("pid") and int(w["pid"]) not in old for w in workers):
                 ready_s = time.monotonic() - killed_at
                 break
             time.sleep(0.1)
@@ -239,10 +244,11 @@ def test_kill_9_of_a_worker_recovers_and_the_production_client_loses_nothing(ser
     attempts = Counter(int(o.detail.rsplit(" ", 1)[1]) for o in run.outcomes if o.ok)  # type: ignore[union-attr]
     FIGURES["worker_kill"] = {**run.summary(), "worker_ready_s": round(ready_s, 2),  # type: ignore[union-attr]
                               "recovered_s": round(recovered_s, 2), "lost": len(run.errors()),  # type: ignore
-                              "attempts": dict(attempts), "new_pid_differs": server.worker_pids("digits") != old}
+                              "attempts": dict(attempts), "workers_killed": len(old),
+                              "new_pids_differ": not set(server.worker_pids("digits")) & set(old)}
     assert not run.errors(), f"requests lost: {run.errors()[:3]}"  # type: ignore[union-attr]
     assert recovered_s <= RECOVERY_MAX_S, f"recovery took {recovered_s:.1f}s\n{server.log_tail()}"
-    assert server.worker_pids("digits") != old
+    assert not set(server.worker_pids("digits")) & set(old)
 
 
 @pytest.fixture(scope="module")
