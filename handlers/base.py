@@ -123,8 +123,7 @@ class ModelHandler(BaseHandler):
 
     def pick_threads(self, workers: int) -> int:
         """Workers of one model share the machine's cores. torch's default (every core in each worker)
-        oversubscribes them as soon as there are two workers: on 2 cores, 2 workers x 2 threads served
-        a third of what 2 workers x 1 thread did (benchmarks/results/threads.json)."""
+        oversubscribes them as soon as there are two workers, and its OpenMP threads then fight over cores."""
         value = self.options["threads"]
         if value == "auto":
             return max(1, len(os.sched_getaffinity(0)) // max(1, int(workers)))
