@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from deploy.client import InferenceClient, PredictionError
 from tests.conftest import ROOT, build_mar, serve, train_tiny
@@ -28,6 +29,7 @@ from training import export, golden
 
 pytestmark = pytest.mark.server
 OPERATOR = read_properties(ROOT / "deploy" / "operator.properties")
+CONFIG = yaml.safe_load((ROOT / "handlers" / "model-config.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,8 @@ def test_register_is_idempotent_and_refuses_a_taken_version(ts: TorchServe, stor
     out = ok(deploy(ts, store, "register", "digits-1.0.mar"))
     assert "sha256" in out and "verified" in out and "it is the default" in out
     assert "nothing to do" in ok(deploy(ts, store, "register", "digits-1.0"))
-    assert re.search(r"^digits\s+1\.0\s+\*\s+1/1 ready\s+batch 8/5ms\s+digits-1\.0\.mar$",
+    n, batch, delay = CONFIG["minWorkers"], CONFIG["batchSize"], CONFIG["maxBatchDelay"]  # as packed by build_mar.sh
+    assert re.search(rf"^digits\s+1\.0\s+\*\s+{n}/{n} ready\s+batch {batch}/{delay}ms\s+digits-1\.0\.mar$",
                      ok(deploy(ts, store, "list")), re.M)
     # Same version, another archive file (a byte copy, so its checksum is honestly recorded).
     manifest = json.loads((store / "manifest.json").read_text())
