@@ -57,6 +57,13 @@ def fit_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> t
     return model
 
 
+def model_from_state_dict(arch: str, num_classes: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """build_model(arch) resized to the checkpoint's shapes, with its weights; eval mode, channels_last, CPU."""
+    model = fit_shapes(build_model(arch, num_classes), state)
+    model.load_state_dict(state)  # raises if the graph itself differs
+    return model.to(memory_format=torch.channels_last).eval()
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """weights_only=True: a checkpoint that carries pickled objects is refused, never executed."""
     path = Path(path)
@@ -87,10 +94,7 @@ def load_model(model_dir: Path, meta: dict[str, Any], device: torch.device | str
         # Exported programs are already in inference form; .eval() is not allowed on them.
         return torch.export.load(str(path)).module().to(device)
     elif fmt == "state_dict":
-        state = load_state_dict(path)
-        model = fit_shapes(build_model(meta["architecture"], meta["num_classes"]), state)
-        model.load_state_dict(state)
-        model = model.to(device, memory_format=torch.channels_last)
+        model = model_from_state_dict(meta["architecture"], meta["num_classes"], load_state_dict(path)).to(device)
     else:
         raise ValueError(f"unknown artifact format {fmt!r} in metadata; expected torchscript, export or state_dict")
     model.eval()

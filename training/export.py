@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from handlers.deprecations import known_deprecations
-from handlers.loading import build_model, load_state_dict
+from handlers.loading import load_state_dict, model_from_state_dict
 from training import metadata
 from training.evaluate import predict, splits_for
 
@@ -75,9 +75,8 @@ def check_parity(
 
 def export_dir(model_dir: Path, method: str = "script", atol: float = 1e-3, rtol: float = 1e-3) -> dict[str, Any]:
     meta = metadata.read(model_dir)
-    eager = build_model(meta["architecture"], meta["num_classes"])
-    eager.load_state_dict(load_state_dict(model_dir / meta["checkpoint"]))
-    eager = eager.to(memory_format=torch.channels_last).eval()
+    eager = model_from_state_dict(meta["architecture"], meta["num_classes"],
+                                  load_state_dict(model_dir / meta["checkpoint"]))
     scripted = to_torchscript(eager, meta["input_size"], method)
     parity = check_parity(eager, scripted, splits_for(meta).test, meta, atol, rtol)
     with known_deprecations():

@@ -11,7 +11,7 @@ removes about 1 - (1 - ratio)^2 of the MACs (75% at 0.5), and the smaller tensor
 ordinary dense kernels. A short fine-tune on the training split (training.train.fit) recovers accuracy.
 
 The served artifact is frozen TorchScript, which carries the pruned shapes with it. The float weights are
-kept too (model.pth): handlers.loading.fit_shapes resizes the torchvision architecture to them, so other
+kept too (model.pth): handlers.loading.model_from_state_dict resizes the torchvision architecture to them, so other
 techniques can be stacked on the pruned model (python -m training.quantize --source pruned).
 """
 

@@ -112,7 +112,7 @@ def make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module,
         stacked_on = {"source": {"variant": source, "recipe": source_meta["recipe"],
                                  "top1": source_meta["metrics"]["test"]["top1"]}}
     with any_algorithms():  # quantized kernels have no deterministic variants; they only warn
-        meta, _ = _make(parent_dir, parent_meta, parent, mode, calibration_images, seed,
+        meta = _make(parent_dir, parent_meta, parent, mode, calibration_images, seed,
                         name or "_".join(filter(None, (source, "int8" if mode == "static" else "dynamic_int8"))),
                         backend, progress, stacked_on)
     return meta, parent
@@ -120,7 +120,7 @@ def make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module,
 
 def _make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module, mode: str,
           calibration_images: int, seed: int, name: str, backend: str,
-          progress: bool, stacked_on: dict[str, Any]) -> tuple[dict[str, Any], torch.nn.Module]:
+          progress: bool, stacked_on: dict[str, Any]) -> dict[str, Any]:
     splits = splits_for(parent_meta)
     if mode == "static":
         calibration = calibration_subset(splits, calibration_images, seed)
@@ -152,7 +152,7 @@ def _make(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module
             export={"method": f"torch.jit.{method}+freeze", "parity": parity, "int8_weight_tensors": n_int8},
             extra={"notes": "quantized kernels run on CPU only (x86 fbgemm/oneDNN); deviceType cpu"},
         )
-    return meta, parent
+    return meta
 
 
 def main() -> None:

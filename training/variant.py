@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from handlers.deprecations import known_deprecations
-from handlers.loading import build_model, fit_shapes, load_model, load_state_dict
+from handlers.loading import load_model, load_state_dict, model_from_state_dict
 from training import metadata
 from training.evaluate import classification_metrics, predict, splits_for, summary, write_report
 from training.export import ParityError
@@ -49,9 +49,8 @@ def load_parent(parent_dir: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     if not (Path(parent_dir) / meta["checkpoint"]).is_file():
         raise FileNotFoundError(f"{parent_dir}/{meta['checkpoint']} (the fp32 state_dict) not found; "
                                 f"train it with: python -m training.train --out {parent_dir}")
-    model = build_model(meta["architecture"], meta["num_classes"])
-    model.load_state_dict(load_state_dict(Path(parent_dir) / meta["checkpoint"]))
-    return meta, model.to(memory_format=torch.channels_last).eval()
+    state = load_state_dict(Path(parent_dir) / meta["checkpoint"])
+    return meta, model_from_state_dict(meta["architecture"], meta["num_classes"], state)
 
 
 def load_float_variant(parent_dir: Path, name: str) -> tuple[dict[str, Any], torch.nn.Module]:
@@ -64,9 +63,7 @@ def load_float_variant(parent_dir: Path, name: str) -> tuple[dict[str, Any], tor
     if not meta.get("checkpoint"):
         raise ValueError(f"variant {name} keeps no float checkpoint (model.pth), so nothing can be stacked on it")
     state = load_state_dict(vdir / meta["checkpoint"])
-    model = fit_shapes(build_model(meta["architecture"], meta["num_classes"]), state)
-    model.load_state_dict(state)
-    return meta, model.to(memory_format=torch.channels_last).eval()
+    return meta, model_from_state_dict(meta["architecture"], meta["num_classes"], state)
 
 
 def parent_record(parent_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +88,7 @@ def write_variant(
     """Save `scripted` as the variant's artifact, evaluate the saved file on the test split, write metadata.
 
     `state_dict` is kept as the variant's checkpoint only if it loads into build_model(architecture), resized
-    to its shapes (fit_shapes) where channels were pruned.
+    to its shapes (model_from_state_dict) where channels were pruned.
     """
     parent_dir = Path(parent_dir)
     parent_meta = parent_metadata(parent_dir)
@@ -117,8 +114,7 @@ def write_variant(
     )
     meta.pop("checkpoint", None)
     if state_dict is not None:
-        probe = fit_shapes(build_model(meta["architecture"], meta["num_classes"]), state_dict)
-        probe.load_state_dict(state_dict)  # raises if the graph changed: then it is no checkpoint
+        model_from_state_dict(meta["architecture"], meta["num_classes"], state_dict)  # raises: then no checkpoint
         torch.save({k: v.cpu() for k, v in state_dict.items()}, out / metadata.STATE_DICT_FILE)
         meta["checkpoint"] = metadata.STATE_DICT_FILE
 
