@@ -1,8 +1,8 @@
 """The shared handler base: load, place, warm up, and serve a batch without ever failing it whole.
 
-A subclass says how to turn one input into a tensor (`decode`), how to stack tensors
-into a model batch (`collate`) and how to turn one output row into a response (`respond`).
-Everything else (metadata, request bodies, limits, per-request errors, describe, metrics)
+A subclass says how to turn one input into a tensor (`decode`, and `decode_batch` for work done once per
+batch), how to stack tensors into a model batch (`collate`) and how to turn one output row into a response
+(`respond`). Everything else (the model card, request bodies, limits, per-request errors, describe, metrics)
 lives here once.
 """
 
@@ -22,17 +22,17 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.contract import ModelCard
 from handlers.errors import InputError
 from handlers.loading import load_model
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "metadata.json"
 DEFAULTS: dict[str, Any] = {
     "topk": 5,
     "max_bytes": 8 * 1024 * 1024,  # per item, after base64 decoding
     "max_pixels": 40_000_000,  # declared width x height, checked before decoding
-    "compile": False,  # torch.compile the model (eager/state_dict artifacts only)
+    "compile": False,  # torch.compile the model (eager runtime only)
     "amp": "none",  # "bf16" | "fp16" autocast on GPU
     "gpu_decode": False,  # nvjpeg JPEG decoding on GPU workers
     "threads": "auto",  # torch intra-op threads per worker; auto: this machine's cores / maxWorkers
@@ -50,8 +50,15 @@ class Item:
         self.tensor = tensor
 
 
+def server_fault(what: str, error: Exception) -> InputError:
+    """A failure that is not the client's: 500, with the exception's type for the model log to match."""
+    detail = (str(error).strip().splitlines() or [""])[0][:200]
+    return InputError(f"{what}_failed", f"{what} failed on the server ({type(error).__name__}: {detail}); the "
+                      "request was valid as far as the handler can tell, see the model log", 500)
+
+
 class ModelHandler(BaseHandler):
-    # What a subclass may take as input; used in error messages and the model card.
+    # What a subclass takes as input; used in error messages and in describe().
     accepts = "a JSON tensor matching the model's input shape"
 
     def initialize(self, context: Any) -> None:
@@ -59,26 +66,27 @@ class ModelHandler(BaseHandler):
         self.manifest = context.manifest
         props = context.system_properties
         self.model_dir = Path(props["model_dir"])
-        path = self.model_dir / METADATA_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{METADATA_FILE} missing from the archive; rebuild it with build_mar.sh")
-        self.meta: dict[str, Any] = json.loads(path.read_text())
+        self.card = ModelCard.read(self.model_dir)
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.options = {**DEFAULTS, **(yaml_cfg.get("handler") or {})}
         self.device = self.pick_device(props.get("gpu_id"))
         self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
         torch.set_num_threads(self.threads)
-        self.model = load_model(self.model_dir, self.meta, self.device)
-        if self.options["compile"] and self.meta["format"] == "state_dict":
+        self.model = load_model(self.model_dir, self.card, self.device)
+        if self.options["compile"]:
+            if self.card.runtime != "eager":
+                raise ValueError(f"handler option compile: true needs the eager runtime (a state_dict), but this "
+                                 f"archive's artifact is {self.card.runtime}; set compile: false in "
+                                 "model-config.yaml or package the variant's checkpoint")
             self.model = torch.compile(self.model)
         model_info = (self.manifest or {}).get("model", {})
-        self.model_name = model_info.get("modelName", self.meta.get("name", "model"))
-        self.version = model_info.get("modelVersion") or self.meta.get("version", "")
+        self.model_name = model_info.get("modelName", self.card.name)
+        self.version = model_info.get("modelVersion") or self.card.version
         self.batch_size = int(props.get("batch_size") or 1)
         self.setup()
         self.warm_up()
         self.initialized = True
-        logger.info("%s %s (%s) ready on %s, %d torch threads", self.model_name, self.version, self.meta["variant"],
+        logger.info("%s %s (%s) ready on %s, %d torch threads", self.model_name, self.version, self.card.variant,
                     self.device, self.threads)
 
     # --- hooks for subclasses -------------------------------------------------------------
@@ -86,18 +94,24 @@ class ModelHandler(BaseHandler):
         """Per-model state built once, after the model is loaded."""
 
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.meta["input_shape"])
+        """The shape of one model input item."""
+        return tuple(self.card.input.shape)
 
     def decode(self, payload: Any) -> torch.Tensor:
         """One request payload (bytes, str or JSON value) -> one input tensor."""
         return self.tensor_from_json(payload)
 
+    def decode_batch(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | InputError]:
+        """Work done once per batch on decoded items (e.g. GPU decoding); an InputError fails only its item."""
+        return list(tensors)
+
     def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Decoded items -> one model batch on the device."""
         return torch.stack(tensors).to(self.device)
 
     def respond(self, output: torch.Tensor, options: dict[str, Any]) -> dict[str, Any]:
         """One output row -> top-k labels with probabilities (and raw logits when asked)."""
-        labels: list[str] = self.meta["labels"]
+        labels = self.card.labels
         top = torch.topk(torch.softmax(output, dim=0), min(int(self.options["topk"]), len(labels)))
         pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
         result: dict[str, Any] = {
@@ -110,14 +124,14 @@ class ModelHandler(BaseHandler):
         return result
 
     def model_card_ref(self) -> dict[str, str]:
-        return {"name": self.model_name, "version": self.version, "variant": self.meta["variant"]}
+        return {"name": self.model_name, "version": self.version, "variant": self.card.variant}
 
     # --- device, warm-up ------------------------------------------------------------------
     def pick_device(self, gpu_id: int | None) -> torch.device:
         if gpu_id is None or not torch.cuda.is_available():
             return torch.device("cpu")
-        if self.meta.get("cpu_only"):
-            logger.info("variant %s is CPU-only; ignoring gpu_id %s", self.meta.get("variant"), gpu_id)
+        if self.card.cpu_only:
+            logger.info("variant %s is CPU-only; ignoring gpu_id %s", self.card.variant, gpu_id)
             return torch.device("cpu")
         return torch.device(f"cuda:{gpu_id}")
 
@@ -272,7 +286,6 @@ class ModelHandler(BaseHandler):
         started = time.perf_counter()
         responses: list[Any] = [None] * len(data)
         protocols: list[str | None] = [None] * len(data)
-        counts: list[int] = [0] * len(data)
         items: list[Item] = []
         for idx, row in enumerate(data):
             if self.is_describe(idx):
@@ -284,19 +297,38 @@ class ModelHandler(BaseHandler):
             except InputError as e:
                 responses[idx] = self.reject(idx, e)
                 continue
-            except Exception as e:  # a decoder bug must not take the other requests down
+            except Exception as e:  # a decoder bug is the server's fault, and must not take other requests down
                 logger.exception("unexpected error decoding request %d", idx)
-                responses[idx] = self.reject(idx, InputError("bad_input", f"could not read input: {e}", 400))
+                responses[idx] = self.reject(idx, server_fault("decode", e))
                 continue
-            counts[idx] = len(decoded)
             items.extend(Item(idx, t) for t in decoded)
+        items = self.decode_items(items, responses)
         pre_ms = (time.perf_counter() - started) * 1000
         if items:
-            self.run_batch(data, items, responses, protocols, counts, pre_ms)
+            self.run_batch(data, items, responses, protocols, pre_ms)
         return responses
 
+    def decode_items(self, items: list[Item], responses: list[Any]) -> list[Item]:
+        """decode_batch over the whole batch; a request with a failed item is rejected whole, the others go on."""
+        if not items:
+            return items
+        try:
+            results = self.decode_batch([it.tensor for it in items])
+        except Exception as e:
+            logger.exception("decode_batch failed for a batch of %d", len(items))
+            results = [server_fault("decode", e)] * len(items)
+        failed: set[int] = set()
+        for it, result in zip(items, results, strict=True):
+            if isinstance(result, InputError):
+                if it.request not in failed:
+                    responses[it.request] = self.reject(it.request, result)
+                failed.add(it.request)
+            else:
+                it.tensor = result
+        return [it for it in items if it.request not in failed]
+
     def run_batch(self, data: list[dict[str, Any]], items: list[Item], responses: list[Any],
-                  protocols: list[str | None], counts: list[int], pre_ms: float) -> None:
+                  protocols: list[str | None], pre_ms: float) -> None:
         t0 = time.perf_counter()
         try:
             batch = self.collate([it.tensor for it in items])
@@ -305,7 +337,7 @@ class ModelHandler(BaseHandler):
         except Exception as e:  # e.g. out of memory: answer every request in the batch, keep the worker
             logger.exception("inference failed for a batch of %d", len(items))
             for idx in {it.request for it in items}:
-                responses[idx] = self.reject(idx, InputError("inference_failed", f"inference failed: {e}", 500))
+                responses[idx] = self.reject(idx, server_fault("inference", e))
             return
         t2 = time.perf_counter()
         per_request: dict[int, list[dict[str, Any]]] = {}
@@ -354,21 +386,17 @@ class ModelHandler(BaseHandler):
         metrics.add_metric(name, value, unit, None, dims, kind)
 
     def describe(self) -> dict[str, Any]:
-        m = self.meta
+        """The model card as packed in the archive, and how this worker serves it."""
         return {
-            "name": self.model_name,
-            "version": self.version,
-            "architecture": m.get("architecture"),
-            "variant": m.get("variant"),
-            "format": m.get("format"),
-            "device": str(self.device),
-            "input": {"accepts": self.accepts, "shape": list(self.input_shape()),
-                      "mean": m.get("mean"), "std": m.get("std"),
-                      "limits": {k: self.options[k] for k in ("max_bytes", "max_pixels")}},
-            "labels": m.get("labels"),
-            "metrics": m.get("metrics"),
-            "recipe": m.get("recipe"),
-            "parent": m.get("parent"),
-            "data": {k: m.get("data", {}).get(k) for k in ("fingerprint", "sizes")},
-            "git_commit": m.get("git_commit"),
+            "card": self.card.to_dict(),
+            "serving": {
+                "name": self.model_name,
+                "version": self.version,
+                "device": str(self.device),
+                "threads": self.threads,
+                "batch_size": self.batch_size,
+                "accepts": self.accepts,
+                "input_shape": list(self.input_shape()),
+                "limits": {k: self.options[k] for k in ("max_bytes", "max_pixels")},
+            },
         }

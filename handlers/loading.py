@@ -1,16 +1,18 @@
-"""Load a model artifact named by its metadata: TorchScript, torch.export (.pt2) or a state_dict.
+"""Load the artifact a model card names: TorchScript, torch.export (.pt2) or a state_dict run eagerly.
 
 Shared by the served handler and by offline evaluation, so both run the same artifact.
 """
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 
+from handlers.contract import ModelCard
 from handlers.deprecations import known_deprecations
 
 
@@ -60,7 +62,13 @@ def fit_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> t
 def model_from_state_dict(arch: str, num_classes: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """build_model(arch) resized to the checkpoint's shapes, with its weights; eval mode, channels_last, CPU."""
     model = fit_shapes(build_model(arch, num_classes), state)
-    model.load_state_dict(state)  # raises if the graph itself differs
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # the graph itself differs: another architecture or class count
+        first = str(e).strip().splitlines()
+        raise ValueError(f"the checkpoint does not fit torchvision's {arch} with {num_classes} outputs "
+                         f"({' '.join(line.strip() for line in first[:3])[:400]}); check 'architecture' and "
+                         "'labels' in the model card") from e
     return model.to(memory_format=torch.channels_last).eval()
 
 
@@ -72,30 +80,32 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} not found; train one with: python -m training.train --out {path.parent}"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for unsafe globals, RuntimeError for corrupt files
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only=True raises for anything but tensors and containers
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor state_dict (loaded with "
-            f"weights_only=True, which never runs pickled code): {first}"
-        ) from e
+        raise ValueError(f"refusing to load {path}: it carries pickled objects, not only tensors (loaded with "
+                         f"weights_only=True, which never runs pickled code): {first}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: the file is truncated or not a torch.save file "
+                         f"({type(e).__name__}: {str(e).strip()[:200]}); save it again with torch.save") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors; save "
+                         "model.state_dict() rather than the model or a training checkpoint")
+    return state
 
 
-def load_model(model_dir: Path, meta: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The artifact `meta["artifact"]` in `model_dir`, in eval mode on `device`."""
-    path = Path(model_dir) / meta["artifact"]
-    fmt = meta["format"]
+def load_model(model_dir: Path, card: ModelCard, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The artifact the card names in `model_dir`, in eval mode on `device`."""
+    path = Path(model_dir) / card.artifact
     if not path.is_file():
-        raise FileNotFoundError(f"model artifact {path} (format {fmt}) not found")
-    if fmt == "torchscript":
+        raise FileNotFoundError(f"model artifact {path} (runtime {card.runtime}) not found")
+    if card.runtime == "torchscript":
         with known_deprecations():
             model = torch.jit.load(str(path), map_location=device)
-    elif fmt == "export":
+    elif card.runtime == "export":
         # Exported programs are already in inference form; .eval() is not allowed on them.
         return torch.export.load(str(path)).module().to(device)
-    elif fmt == "state_dict":
-        model = model_from_state_dict(meta["architecture"], meta["num_classes"], load_state_dict(path)).to(device)
-    else:
-        raise ValueError(f"unknown artifact format {fmt!r} in metadata; expected torchscript, export or state_dict")
+    else:  # eager: the card validated the runtime
+        model = model_from_state_dict(card.architecture, card.num_classes, load_state_dict(path)).to(device)
     model.eval()
     return model

@@ -1,7 +1,7 @@
 """Tensor in, classes or values out: for models on features rather than images.
 
-metadata.json gives "input_shape" (one item, e.g. [64]) and either "labels" (classification:
-top-k, as the base handler answers) or "task": "regression" (the raw output values).
+The model card gives the input shape (one item, e.g. [64]) and the task: classification (top-k
+labels, as the base handler answers) or regression (the raw output values).
 """
 
 from __future__ import annotations
@@ -17,6 +17,6 @@ class TensorClassifier(ModelHandler):
     accepts = 'JSON {"data": nested lists matching the model input shape}, or KServe v1/v2 tensors'
 
     def respond(self, output: torch.Tensor, options: dict[str, Any]) -> dict[str, Any]:
-        if self.meta.get("task") == "regression":
+        if self.card.task == "regression":
             return {"values": [round(float(v), 6) for v in output.flatten()], "model": self.model_card_ref()}
         return super().respond(output, options)

@@ -1,6 +1,6 @@
 """Datasets: scikit-learn's bundled digits rendered as RGB images, or a user ImageFolder.
 
-Every split is deterministic (seeded, stratified) and fingerprinted, so a metadata file
+Every split is deterministic (seeded, stratified) and fingerprinted, so a model card
 can say exactly which images a figure was measured on.
 """
 
@@ -16,20 +16,10 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
+from handlers.contract import DataSpec
 from handlers.imaging import decode_image, resize_batch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Everything needed to rebuild the same splits; stored in the metadata."""
-
-    source: str  # "digits" or an ImageFolder path
-    input_size: int
-    seed: int = 0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
 
 
 def render_digits(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -74,6 +64,7 @@ class Splits:
     labels: list[str]
     fingerprint: str
     spec: DataSpec
+    input_size: int
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -119,8 +110,9 @@ def _scan_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     return paths, np.array(labels), classes
 
 
-def load_splits(spec: DataSpec) -> Splits:
-    """Build train/val/test from the spec. The same spec always gives the same splits."""
+def load_splits(spec: DataSpec, input_size: int) -> Splits:
+    """Build train/val/test from the spec, as images of `input_size`. The same spec always gives the same splits
+    (and the same fingerprint) at any input size."""
     if spec.source == "digits":
         from sklearn.datasets import load_digits
 
@@ -132,12 +124,13 @@ def load_splits(spec: DataSpec) -> Splits:
         h.update(pixels.tobytes())
         h.update(labels.tobytes())
         return Splits(
-            train=DigitImages(pixels[tr], labels[tr], spec.input_size),
-            val=DigitImages(pixels[va], labels[va], spec.input_size),
-            test=DigitImages(pixels[te], labels[te], spec.input_size),
+            train=DigitImages(pixels[tr], labels[tr], input_size),
+            val=DigitImages(pixels[va], labels[va], input_size),
+            test=DigitImages(pixels[te], labels[te], input_size),
             labels=[str(int(c)) for c in digits.target_names],
             fingerprint=_fingerprint(h, tr, va, te),
             spec=spec,
+            input_size=input_size,
         )
 
     root = Path(spec.source)
@@ -149,9 +142,9 @@ def load_splits(spec: DataSpec) -> Splits:
         h.update(hashlib.sha256(p.read_bytes()).digest())
 
     def subset(ix: np.ndarray) -> FolderImages:
-        return FolderImages([paths[i] for i in ix], [int(labels[i]) for i in ix], spec.input_size)
+        return FolderImages([paths[i] for i in ix], [int(labels[i]) for i in ix], input_size)
 
-    return Splits(subset(tr), subset(va), subset(te), classes, _fingerprint(h, tr, va, te), spec)
+    return Splits(subset(tr), subset(va), subset(te), classes, _fingerprint(h, tr, va, te), spec, input_size)
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +19,23 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from handlers.contract import EvalSummary, ModelCard
 from handlers.imaging import Normalizer
 from handlers.loading import load_model
-from training import metadata
-from training.data import DataSpec, Splits, load_splits, loader
+from training.data import Splits, load_splits, loader
 
 
-def splits_for(meta: dict[str, Any]) -> Splits:
-    """Rebuild the exact splits a model was trained on, refusing if the data changed."""
-    splits = load_splits(DataSpec(**meta["data"]["spec"]))
-    if splits.fingerprint != meta["data"]["fingerprint"]:
+def splits_for(card: ModelCard, input_size: int | None = None) -> Splits:
+    """Rebuild the exact splits a model was trained on (at its input size unless given), refusing if the data
+    changed."""
+    if card.data is None:
+        raise ValueError(f"the model card of {card.name} {card.variant} records no dataset (a model trained "
+                         "elsewhere); its held-out split cannot be rebuilt here")
+    splits = load_splits(card.data.spec, input_size or card.input.image_size)
+    if splits.fingerprint != card.data.fingerprint:
         raise ValueError(
-            f"the dataset at {meta['data']['spec']['source']} no longer matches the one this model was "
-            f"trained on (fingerprint {splits.fingerprint[:12]} != {meta['data']['fingerprint'][:12]}); "
+            f"the dataset at {card.data.spec.source} no longer matches the one this model was "
+            f"trained on (fingerprint {splits.fingerprint[:12]} != {card.data.fingerprint[:12]}); "
             "evaluate on the original data or retrain"
         )
     return splits
@@ -39,8 +45,8 @@ def splits_for(meta: dict[str, Any]) -> Splits:
 def predict(
     model: torch.nn.Module,
     dataset: Dataset,
-    mean: list[float],
-    std: list[float],
+    mean: list[float] | None,
+    std: list[float] | None,
     batch_size: int = 64,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,22 +108,27 @@ def write_report(out_dir: Path, result: dict[str, Any], names: list[str], title:
     plot_confusion(result["confusion_matrix"], names, title, out_dir / "confusion_matrix.png")
 
 
-def summary(result: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures that go into metadata (the full report stays beside it)."""
-    keys = ("n", "top1", "macro_precision", "macro_recall", "macro_f1")
-    return {k: result[k] for k in keys}
+def summary(result: dict[str, Any]) -> EvalSummary:
+    """The headline figures that go into the model card (the full report stays beside it)."""
+    return EvalSummary(n=result["n"], top1=result["top1"], macro_precision=result["macro_precision"],
+                       macro_recall=result["macro_recall"], macro_f1=result["macro_f1"])
+
+
+def evaluate_artifact(model_dir: Path, card: ModelCard, dataset: Dataset, split: str = "test",
+                      progress: bool = False) -> dict[str, Any]:
+    """The artifact the card names, loaded from disk as it will be served, on `dataset`; report written beside it."""
+    model = load_model(model_dir, card)
+    logits, labels = predict(model, dataset, card.input.mean, card.input.std, progress=progress)
+    result = classification_metrics(logits, labels, card.labels)
+    title = f"{card.architecture} {card.variant} - {split} top-1 {100 * result['top1']:.2f}%"
+    write_report(Path(model_dir) / "eval" / split, result, card.labels, title)
+    return result
 
 
 def evaluate_dir(model_dir: Path, split: str = "test", progress: bool = True) -> dict[str, Any]:
-    """Evaluate the artifact named in `model_dir`'s metadata and write its report beside it."""
-    meta = metadata.read(model_dir)
-    splits = splits_for(meta)
-    model = load_model(model_dir, meta)
-    logits, labels = predict(model, getattr(splits, split), meta["mean"], meta["std"], progress=progress)
-    result = classification_metrics(logits, labels, meta["labels"])
-    title = f"{meta['architecture']} {meta['variant']} - {split} top-1 {100 * result['top1']:.2f}%"
-    write_report(Path(model_dir) / "eval" / split, result, meta["labels"], title)
-    return result
+    """Evaluate the artifact named in `model_dir`'s model card and write its report beside it."""
+    card = ModelCard.read(model_dir)
+    return evaluate_artifact(model_dir, card, getattr(splits_for(card), split), split, progress)
 
 
 def main() -> None:
@@ -125,8 +136,11 @@ def main() -> None:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--split", choices=("val", "test"), default="test")
     args = ap.parse_args()
-    result = evaluate_dir(args.model_dir, args.split)
-    print(json.dumps(summary(result), indent=2))
+    try:
+        result = evaluate_dir(args.model_dir, args.split)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(dataclasses.asdict(summary(result)), indent=2))
     print(f"report: {args.model_dir / 'eval' / args.split}/report.json, confusion_matrix.png")
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from handlers.contract import TORCHSCRIPT_FILE, ModelCard
 from handlers.deprecations import known_deprecations
 from handlers.loading import load_state_dict, model_from_state_dict
-from training import metadata
 from training.evaluate import predict, splits_for
 
 
@@ -47,14 +47,14 @@ def check_parity(
     reference: torch.nn.Module,
     exported: torch.nn.Module,
     dataset: Dataset,
-    meta: dict[str, Any],
+    card: ModelCard,
     atol: float = 1e-3,
     rtol: float = 1e-3,
 ) -> dict[str, Any]:
     """Compare logits on every image of `dataset`; raise ParityError past the tolerance."""
-    ref, _ = predict(reference, dataset, meta["mean"], meta["std"])
+    ref, _ = predict(reference, dataset, card.input.mean, card.input.std)
     with known_deprecations():
-        out, _ = predict(exported, dataset, meta["mean"], meta["std"])
+        out, _ = predict(exported, dataset, card.input.mean, card.input.std)
     excess = ((out - ref).abs() - (atol + rtol * ref.abs())).max().item()
     agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
     report = {
@@ -73,18 +73,21 @@ def check_parity(
     return report
 
 
-def export_dir(model_dir: Path, method: str = "script", atol: float = 1e-3, rtol: float = 1e-3) -> dict[str, Any]:
-    meta = metadata.read(model_dir)
-    eager = model_from_state_dict(meta["architecture"], meta["num_classes"],
-                                  load_state_dict(model_dir / meta["checkpoint"]))
-    scripted = to_torchscript(eager, meta["input_size"], method)
-    parity = check_parity(eager, scripted, splits_for(meta).test, meta, atol, rtol)
+def export_dir(model_dir: Path, method: str = "script", atol: float = 1e-3, rtol: float = 1e-3) -> ModelCard:
+    """Export the checkpoint in `model_dir` beside it; the card then names the TorchScript file as the artifact."""
+    card = ModelCard.read(model_dir)
+    if card.checkpoint is None:
+        raise ValueError(f"{model_dir} keeps no float checkpoint to export (its artifact is {card.artifact}, "
+                         f"runtime {card.runtime})")
+    eager = model_from_state_dict(card.architecture, card.num_classes, load_state_dict(model_dir / card.checkpoint))
+    scripted = to_torchscript(eager, card.input.image_size, method)
+    parity = check_parity(eager, scripted, splits_for(card).test, card, atol, rtol)
     with known_deprecations():
-        torch.jit.save(scripted, str(model_dir / metadata.TORCHSCRIPT_FILE))
-    meta.update(format="torchscript", artifact=metadata.TORCHSCRIPT_FILE,
-                export={"method": f"torch.jit.{method}+freeze", "parity": parity})
-    metadata.write(model_dir, meta)
-    return meta
+        torch.jit.save(scripted, str(model_dir / TORCHSCRIPT_FILE))
+    card = card.replace(runtime="torchscript", artifact=TORCHSCRIPT_FILE,
+                        export={"method": f"torch.jit.{method}+freeze", "parity": parity})
+    card.write(model_dir)
+    return card
 
 
 def main() -> None:
@@ -95,11 +98,11 @@ def main() -> None:
     ap.add_argument("--rtol", type=float, default=1e-3)
     args = ap.parse_args()
     try:
-        meta = export_dir(args.model_dir, args.method, args.atol, args.rtol)
-    except (ParityError, FileNotFoundError) as e:
+        card = export_dir(args.model_dir, args.method, args.atol, args.rtol)
+    except (ParityError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(json.dumps(meta["export"], indent=2))
-    print(f"exported: {args.model_dir / metadata.TORCHSCRIPT_FILE}")
+    print(json.dumps(card.export, indent=2))
+    print(f"exported: {args.model_dir / TORCHSCRIPT_FILE}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training import metadata
+from handlers.contract import GOLDEN_FILE, ModelCard
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 # Reading a golden set (deploy.py) must stay light; torch, sklearn and PIL are imported only to build one.
 
-GOLDEN_FILE = "golden.json"
 DEFAULT_SIZE = 200
 
 
@@ -76,28 +75,29 @@ def build(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
     from handlers.loading import load_model
     from training.evaluate import predict, splits_for
 
-    meta = metadata.read(model_dir)
-    splits = splits_for(meta)
-    chosen = sample_indices(dataset_labels(splits.test), size, int(meta["data"]["spec"]["seed"]))
+    card = ModelCard.read(model_dir)
+    splits = splits_for(card)
+    assert card.data is not None  # splits_for refuses a card without data
+    chosen = sample_indices(dataset_labels(splits.test), size, card.data.spec.seed)
     subset = Subset(splits.test, chosen.tolist())
-    model = load_model(model_dir, meta)
-    logits, labels = predict(model, subset, meta["mean"], meta["std"])
+    model = load_model(model_dir, card)
+    logits, labels = predict(model, subset, card.input.mean, card.input.std)
     preds = logits.argmax(1)
     top1 = float((preds == labels).float().mean())
     items = []
     for i in range(len(subset)):
         image, label = subset[i]
         # build_label: what the artifact predicted offline, so any subset's build-time accuracy is exact.
-        items.append({"label": meta["labels"][int(label)], "build_label": meta["labels"][int(preds[i])],
+        items.append({"label": card.labels[int(label)], "build_label": card.labels[int(preds[i])],
                       "png": base64.b64encode(encode_png(image)).decode()})
     return {
-        "source": f"test split of {meta['data']['spec']['source']}, stratified sample",
-        "fingerprint": meta["data"]["fingerprint"],
+        "source": f"test split of {card.data.spec.source}, stratified sample",
+        "fingerprint": card.data.fingerprint,
         "indices": chosen.tolist(),
         "n": len(items),
         "build_top1": round(top1, 6),
-        "artifact": meta["artifact"],
-        "variant": meta["variant"],
+        "artifact": card.artifact,
+        "variant": card.variant,
         "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "items": items,
     }

@@ -4,38 +4,41 @@
     python -m training.optimize artifacts/resnet18 --variants fp32,int8 --threads 2
     python -m training.optimize artifacts/resnet18 --prune-ratio 0.6 --kd-epochs 15 --budget 1.0
 
-Each variant lands in <parent>/variants/<name>/ (frozen TorchScript model.pt + metadata.json with the
-recipe, the parent's checkpoint hash and the variant's own held-out test metrics). Then all artifacts,
-and the parent as eager PyTorch (the baseline), are timed side by side at a fixed thread count, and
+Each variant is made by its technique (training/variants/) through training.technique.build and lands in
+<parent>/variants/<name>/ (frozen TorchScript model.pt + a model card with the recipe, the parent's checkpoint
+hash, the variant's own held-out test metrics and its profile). Then all artifacts, and the parent as eager
+PyTorch (the baseline), are timed side by side at a fixed thread count, and
 <parent>/optimization/report.{json,md,png} is written: top-1, macro-F1, size on disk, params, MACs,
 batch-1 latency and batch-8 throughput (medians), ratios vs fp32 eager, and the accuracy-gate verdict.
-
-Variants: fp32 (TorchScript export of the parent), sparse (training.prune), pruned
-(training.prune_structured), int8 / dynamic_int8 (training.quantize), pruned_int8 (the pruned
-variant quantized: training.quantize --source pruned), bf16 (training.bf16), distilled (training.distill).
+The technique flags (--sparsity, --prune-ratio, --calibration-images, --kd-temperature, ...) are the same
+as those of each technique's own command (python -m training.variants.pruned --help).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from handlers.contract import CardError, ModelCard
 from handlers.loading import load_model
-from training import bf16, distill, gate, metadata, prune, prune_structured, quantize, speed, variant
-from training.evaluate import splits_for
-from training.export import ParityError, check_parity, to_torchscript
+from training import gate, speed
+from training.export import ParityError
+from training.technique import Technique, add_options, build, describe, load_parent, parent_record, variant_dir
+from training.variants.bf16 import BF16
+from training.variants.distilled import DISTILLED
+from training.variants.fp32 import FP32
+from training.variants.int8 import DYNAMIC_INT8, INT8, PRUNED_INT8
+from training.variants.pruned import PRUNED
+from training.variants.sparse import SPARSE
 
-ALL_VARIANTS = ("fp32", "sparse", "pruned", "int8", "pruned_int8", "dynamic_int8", "bf16", "distilled")
+TECHNIQUES: dict[str, Technique] = {t.name: t for t in (FP32, SPARSE, PRUNED, INT8, PRUNED_INT8, DYNAMIC_INT8,
+                                                         BF16, DISTILLED)}
 DEFAULT_VARIANTS = ("fp32", "sparse", "pruned", "int8", "pruned_int8", "bf16", "distilled")
-# Stacked variants and the variant each one is made from (built earlier in the same run, or reused).
-STACKED_ON = {"pruned_int8": "pruned"}
 BASELINE = "fp32_eager"
 REPORT_DIR = "optimization"
 # Acceptance targets from the issue, checked (not asserted) in the report.
@@ -45,64 +48,34 @@ TARGETS = {"int8": {"min_speedup_bs8": 6.0, "max_drop_pt": 0.5},
            "distilled": {"max_drop_pt": 1.0}}
 
 
-def make_fp32(parent_dir: Path, parent_meta: dict[str, Any], parent: torch.nn.Module) -> tuple[dict, torch.nn.Module]:
-    """The parent itself as frozen TorchScript: the fp32 row that ships, and the reference for the others."""
-    scripted = to_torchscript(parent, parent_meta["input_size"])
-    parity = check_parity(parent, scripted, splits_for(parent_meta).test, parent_meta)
-    recipe = {"technique": "export", "args": {"method": "torch.jit.script+freeze"}}
-    meta = variant.write_variant(parent_dir, "fp32", scripted, recipe, state_dict=parent.state_dict(),
-                                 export={"method": "torch.jit.script+freeze", "parity": parity})
-    return meta, parent
-
-
-def build_steps(args: argparse.Namespace) -> dict[str, Callable[..., tuple[dict, torch.nn.Module]]]:
-    """variant name -> function(parent_dir, parent_meta, parent) making it with this run's arguments."""
-    p = args.progress
-    return {
-        "fp32": make_fp32,
-        "sparse": lambda d, m, e: prune.make(d, m, e, args.sparsity),
-        "pruned": lambda d, m, e: prune_structured.make(d, m, e, args.prune_ratio, args.prune_epochs, args.prune_lr,
-                                                        seed=args.seed, progress=p),
-        "int8": lambda d, m, e: quantize.make(d, m, e, "static", args.calibration_images, args.seed, progress=p),
-        "pruned_int8": lambda d, m, e: quantize.make(d, m, e, "static", args.calibration_images, args.seed,
-                                                     progress=p, source=STACKED_ON["pruned_int8"]),
-        "dynamic_int8": lambda d, m, e: quantize.make(d, m, e, "dynamic"),
-        "bf16": lambda d, m, e: bf16.make(d, m, e),
-        "distilled": lambda d, m, e: distill.make(d, m, e, args.student, args.kd_temperature, args.kd_alpha,
-                                                  args.kd_epochs, args.kd_lr, seed=args.seed, progress=p),
-    }
-
-
-def profile(meta: dict[str, Any], float_model: torch.nn.Module) -> dict[str, int]:
-    return {"params": speed.count_params(float_model), "macs": speed.count_macs(float_model, meta["input_size"])}
-
-
-def reusable(parent_dir: Path, name: str, parent_sha: str) -> dict[str, Any] | None:
+def reusable(parent_dir: Path, name: str, parent_sha: str) -> ModelCard | None:
     """An existing variant built from this very checkpoint (same sha256), with its profile recorded."""
-    vdir = variant.variant_dir(parent_dir, name)
-    if not (vdir / metadata.METADATA_FILE).is_file():
+    vdir = variant_dir(parent_dir, name)
+    try:
+        card = ModelCard.read(vdir)
+    except (FileNotFoundError, CardError):
         return None
-    meta = metadata.read(vdir)
-    same_parent = (meta.get("parent") or {}).get("sha256") == parent_sha
-    return meta if same_parent and "profile" in meta and (vdir / meta["artifact"]).is_file() else None
+    same_parent = card.parent is not None and card.parent.sha256 == parent_sha
+    return card if same_parent and card.profile is not None and (vdir / card.artifact).is_file() else None
 
 
-def row(name: str, meta: dict[str, Any], artifact: Path, parent_top1: float, budget: float) -> dict[str, Any]:
-    test = meta["metrics"]["test"]
-    passed, verdict = gate.check(meta, budget) if meta.get("parent") else (True, "baseline")
+def row(name: str, card: ModelCard, artifact: Path, parent_top1: float, budget: float) -> dict[str, Any]:
+    test = card.test
+    passed, verdict = gate.check(card, budget) if card.parent else (True, "baseline")
+    assert card.profile is not None
     return {
         "variant": name,
-        "technique": meta["recipe"]["technique"],
-        "architecture": meta["architecture"],
+        "technique": card.recipe.technique,
+        "architecture": card.architecture,
         "artifact": str(artifact),
-        "format": "eager" if name == BASELINE else meta["format"],
-        "cpu_only": bool(meta.get("cpu_only")),
-        "top1": test["top1"],
-        "macro_f1": test["macro_f1"],
-        "drop_pt": round(100 * (parent_top1 - test["top1"]), 3),
+        "runtime": card.runtime,
+        "cpu_only": card.cpu_only,
+        "top1": test.top1,
+        "macro_f1": test.macro_f1,
+        "drop_pt": round(100 * (parent_top1 - test.top1), 3),
         "size_bytes": speed.size_on_disk(artifact),
-        "params": meta["profile"]["params"],
-        "macs": meta["profile"]["macs"],
+        "params": card.profile.params,
+        "macs": card.profile.macs,
         "gate": {"passed": passed, "budget_pt": budget, "verdict": verdict},
     }
 
@@ -221,43 +194,38 @@ def plot(path: Path, report: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     parent_dir: Path = args.parent_dir
     started = time.perf_counter()
-    parent_meta, parent = variant.load_parent(parent_dir)
-    parent_top1 = parent_meta["metrics"]["test"]["top1"]
-    print(f"parent: {parent_dir} ({parent_meta['architecture']} @ {parent_meta['input_size']}px, "
+    parent_card, parent = load_parent(parent_dir)
+    parent_top1 = parent_card.test.top1
+    print(f"parent: {parent_dir} ({parent_card.architecture} @ {parent_card.input.image_size}px, "
           f"test top-1 {100 * parent_top1:.2f}%); variants: {', '.join(args.variants)}", flush=True)
 
-    steps = build_steps(args)
-    parent_sha = variant.parent_record(parent_dir, parent_meta)["sha256"]
-    made: dict[str, dict[str, Any]] = {}
+    record = parent_record(parent_dir, parent_card)
+    made: dict[str, ModelCard] = {}
     for i, name in enumerate(args.variants, 1):
         t0 = time.perf_counter()
-        if args.reuse and (meta := reusable(parent_dir, name, parent_sha)):
-            made[name] = meta
-            print(f"[{i}/{len(args.variants)}] reused {variant.describe(meta)}", flush=True)
+        if args.reuse and (card := reusable(parent_dir, name, record.sha256)):
+            made[name] = card
+            print(f"[{i}/{len(args.variants)}] reused {describe(card)}", flush=True)
             continue
         print(f"[{i}/{len(args.variants)}] {name} ...", flush=True)
-        meta, float_model = steps[name](parent_dir, parent_meta, parent)
-        # MACs/params come from the float model the variant was made from (a TorchScript int8 graph has none
-        # to count); recorded now so the report can be rebuilt from the variant directories alone.
-        meta["profile"] = profile(meta, float_model)
-        metadata.write(variant.variant_dir(parent_dir, name), meta)
-        made[name] = meta
-        print(f"[{i}/{len(args.variants)}] {variant.describe(meta)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        made[name] = build(parent_dir, TECHNIQUES[name], args)
+        print(f"[{i}/{len(args.variants)}] {describe(made[name])} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     print(f"timing {len(made) + 1} models side by side ({args.threads} threads, {args.rounds} rounds) ...",
           flush=True)
     models = {BASELINE: parent}
-    for name in made:
-        models[name] = load_model(variant.variant_dir(parent_dir, name), made[name])
-    timing = speed.benchmark(models, parent_meta["input_size"], args.threads, args.rounds,
-                             args.latency_calls, args.throughput_calls, args.batch, args.progress)
+    for name, card in made.items():
+        models[name] = load_model(variant_dir(parent_dir, name), card)
+    size = parent_card.input.image_size
+    timing = speed.benchmark(models, size, args.threads, args.rounds, args.latency_calls, args.throughput_calls,
+                             args.batch, args.progress)
 
-    baseline_meta = {**parent_meta, "recipe": {"technique": "none (eager PyTorch)", "args": {}},
-                     "profile": profile(parent_meta, parent)}
-    rows = {BASELINE: row(BASELINE, baseline_meta, parent_dir / parent_meta["checkpoint"], parent_top1, args.budget)}
-    for name, meta in made.items():
-        rows[name] = row(name, meta, variant.variant_dir(parent_dir, name) / meta["artifact"], parent_top1,
-                         args.budget)
+    baseline = parent_card.replace(recipe=dataclasses.replace(parent_card.recipe, technique="none (eager PyTorch)"),
+                                   profile=speed.profile(parent, size))
+    assert parent_card.checkpoint is not None
+    rows = {BASELINE: row(BASELINE, baseline, parent_dir / parent_card.checkpoint, parent_top1, args.budget)}
+    for name, card in made.items():
+        rows[name] = row(name, card, variant_dir(parent_dir, name) / card.artifact, parent_top1, args.budget)
     key = f"throughput_bs{args.batch}"
     base = timing[BASELINE]
     for name, r in rows.items():
@@ -272,20 +240,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ceiling.update(eager_model_gmacs=round(eager_gmacs, 1),
                    int8_speedup_bound=round(ceiling["int8_gmacs_max"] / eager_gmacs, 2))
     # The variant's speed travels with it (and so into the .mar and the describe response).
-    for name in made:
-        vdir = variant.variant_dir(parent_dir, name)
-        meta = metadata.read(vdir)
-        meta["metrics"]["speed"] = {k: rows[name][k] for k in ("latency_ms_bs1", key, f"speedup_bs{args.batch}",
-                                                               "size_bytes", "params", "macs")}
-        meta["metrics"]["speed"].update(threads=args.threads, cpu=env["cpu"], torch=env["torch"],
-                                        baseline=BASELINE)
-        metadata.write(vdir, meta)
+    for name, card in made.items():
+        speed_record = {k: rows[name][k] for k in ("latency_ms_bs1", key, f"speedup_bs{args.batch}", "size_bytes",
+                                                    "params", "macs")}
+        speed_record.update(threads=args.threads, cpu=env["cpu"], torch=env["torch"], baseline=BASELINE)
+        card.replace(metrics=dataclasses.replace(card.metrics, speed=speed_record)).write(variant_dir(parent_dir, name))
 
-    record = variant.parent_record(parent_dir, parent_meta)
     report = {
-        "parent": {"dir": str(parent_dir), "sha256": record["sha256"], "architecture": parent_meta["architecture"],
-                   "input_size": parent_meta["input_size"], "top1": parent_top1,
-                   "test_n": parent_meta["metrics"]["test"]["n"]},
+        "parent": {"dir": str(parent_dir), "sha256": record.sha256, "architecture": parent_card.architecture,
+                   "input_size": size, "top1": parent_top1, "test_n": parent_card.test.n},
         "environment": env,
         "batch": args.batch,
         "timing": {"rounds": args.rounds, "latency_calls": args.latency_calls,
@@ -294,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": list(rows.values()),
         "targets": check_targets(rows),
         "kernel_ceiling": ceiling,
-        "recipes": {n: m["recipe"] for n, m in made.items()},
+        "recipes": {n: dataclasses.asdict(c.recipe) for n, c in made.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
     out = parent_dir / REPORT_DIR
@@ -310,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("parent_dir", type=Path, help="trained fp32 model directory (python -m training.train --out)")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help=f"comma-separated, in order (default {','.join(DEFAULT_VARIANTS)}; "
-                         f"all: {','.join(ALL_VARIANTS)})")
+                         f"all: {','.join(TECHNIQUES)})")
     ap.add_argument("--budget", type=float, default=gate.DEFAULT_BUDGET_PT,
                     help="accuracy gate shown in the report: allowed top-1 drop vs fp32, points")
     g = ap.add_argument_group("timing")
@@ -319,30 +282,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--latency-calls", type=int, default=5, help="batch-1 calls per model per round")
     g.add_argument("--throughput-calls", type=int, default=3, help="batch calls per model per round")
     g.add_argument("--batch", type=int, default=8, help="throughput batch size")
-    g = ap.add_argument_group("recipes")
-    g.add_argument("--sparsity", type=float, default=0.5, help="sparse: share of conv/linear weights zeroed")
-    g.add_argument("--prune-ratio", type=float, default=0.5, help="pruned: share of channels removed per layer")
-    g.add_argument("--prune-epochs", type=int, default=3)
-    g.add_argument("--prune-lr", type=float, default=1e-3)
-    g.add_argument("--calibration-images", type=int, default=512, help="int8: training images to calibrate on")
-    g.add_argument("--student", default="mobilenet_v3_small")
-    g.add_argument("--kd-temperature", type=float, default=4.0)
-    g.add_argument("--kd-alpha", type=float, default=0.7)
-    g.add_argument("--kd-epochs", type=int, default=12)
-    g.add_argument("--kd-lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true",
                     help="keep variants already built from this same checkpoint (sha256); only re-time and report")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    add_options(ap, list(TECHNIQUES.values()))
     args = ap.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
+    unknown = sorted(set(args.variants) - set(TECHNIQUES))
     if unknown or not args.variants:
         ap.exit(2, f"error: unknown variant(s) {', '.join(unknown) or '(none given)'}; "
-                   f"choose from {', '.join(ALL_VARIANTS)}\n")
-    for name, source in STACKED_ON.items():
-        order = args.variants
-        if name in order and source in order and order.index(source) > order.index(name):
+                   f"choose from {', '.join(TECHNIQUES)}\n")
+    order = args.variants
+    for name in order:
+        source = TECHNIQUES[name].stacks_on
+        if source in order and order.index(source) > order.index(name):
             ap.exit(2, f"error: {name} is made from {source}; list {source} before it\n")
     if args.threads < 1:
         ap.exit(2, "error: --threads must be at least 1\n")
@@ -353,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         report = run(args)
-    except (FileNotFoundError, ValueError, ParityError) as e:
+    except (FileNotFoundError, ValueError, CardError, ParityError) as e:
         sys.exit(f"error: {e}")
     out = args.parent_dir / REPORT_DIR
     print(fmt_table(report["rows"], args.batch))

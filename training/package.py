@@ -1,4 +1,4 @@
-"""What build_mar.sh needs from Python: stage an archive's inputs, and record its checksum.
+"""What build_mar.sh needs from Python: stage an archive's inputs, and record its checksum in the store's manifest.
 
     python -m training.package stage MODEL_DIR STAGE_DIR [--config yaml] [--device auto|cpu|gpu]
     python -m training.package record model_store/digits.mar MODEL_DIR
@@ -12,64 +12,83 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from training import golden, metadata
+from handlers.contract import MANIFEST_FILE, ModelCard, sha256
+from training import golden
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = "manifest.json"
+
+
+def read_manifest(store: Path) -> dict[str, dict[str, Any]]:
+    """archive file name -> what build_mar.sh recorded for it (sha256, model, version, variant, ...)."""
+    path = Path(store) / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rebuild the archives with build_mar.sh") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a manifest (a JSON object of archives); rebuild it with build_mar.sh")
+    return manifest
+
+
+def write_manifest(store: Path, manifest: dict[str, dict[str, Any]]) -> Path:
+    path = Path(store) / MANIFEST_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | None) -> dict[str, str]:
     """Write OUT/model-config.yaml and OUT/extra/{metadata.json, handlers/}; return archive facts."""
-    meta = metadata.read(model_dir)
-    artifact = model_dir / meta["artifact"]
+    card = ModelCard.read(model_dir)
+    artifact = model_dir / card.artifact
     if not artifact.is_file():
         raise FileNotFoundError(f"{artifact} not found; make it with: python -m training.export {model_dir}")
     if not config.is_file():
         raise FileNotFoundError(f"model config {config} not found; start from handlers/model-config.yaml")
     cfg = yaml.safe_load(config.read_text()) or {}
-    if meta.get("cpu_only"):
+    if card.cpu_only:
         if device == "gpu":
-            raise ValueError(f"variant {meta['variant']} is CPU-only (int8 kernels do not run on CUDA); "
+            raise ValueError(f"variant {card.variant} is CPU-only (int8 kernels do not run on CUDA); "
                              "build it with --device cpu or auto")
         device = "cpu"
-        print(f"note: variant {meta['variant']} is CPU-only, packaged with deviceType: cpu", file=sys.stderr)
+        print(f"note: variant {card.variant} is CPU-only, packaged with deviceType: cpu", file=sys.stderr)
     cfg["deviceType"] = "gpu" if device == "auto" else device
     if version:
-        meta["version"] = version
+        card = card.replace(version=version)
     extra = out / "extra"
     (extra / "handlers").mkdir(parents=True)
     for src in sorted((ROOT / "handlers").glob("*.py")):
         shutil.copy2(src, extra / "handlers" / src.name)
-    metadata.write(extra, meta)
-    if "data" in meta:  # image models trained here: held-out images + build-time accuracy, for the canary
+    card.write(extra)
+    if card.data is not None:  # image models trained here: held-out images + build-time accuracy, for the canary
         golden.write(model_dir, extra)
     (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return {"name": meta["name"], "version": meta["version"], "artifact": str(artifact),
-            "device": cfg["deviceType"]}
+    return {"name": card.name, "version": card.version, "artifact": str(artifact), "device": cfg["deviceType"]}
 
 
 def record(mar: Path, model_dir: Path) -> dict[str, object]:
-    """Add the archive's sha256 to model_store/manifest.json (the deploy tool checks it)."""
-    meta = metadata.read(model_dir)
-    path = mar.parent / MANIFEST
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    """Add the archive's sha256 to the store's manifest.json (the deploy tool checks it)."""
+    card = ModelCard.read(model_dir)
+    manifest = read_manifest(mar.parent)
     entry = {
-        "sha256": metadata.sha256(mar),
+        "sha256": sha256(mar),
         "bytes": mar.stat().st_size,
-        "model": meta["name"],
-        "version": meta["version"],
-        "variant": meta["variant"],
-        "test_top1": meta["metrics"]["test"]["top1"],
+        "model": card.name,
+        "version": card.version,
+        "variant": card.variant,
+        "test_top1": card.test.top1,
         "source": str(model_dir),
         "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     manifest[mar.name] = entry
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_manifest(mar.parent, manifest)
     return entry
 
 
@@ -92,8 +111,8 @@ def main() -> None:
             print("\n".join(f"{k}={v}" for k, v in facts.items()))
         else:
             entry = record(args.mar, args.model_dir)
-            print(f"sha256 {entry['sha256']} recorded in {args.mar.parent / MANIFEST}")
-    except (FileNotFoundError, ValueError) as e:
+            print(f"sha256 {entry['sha256']} recorded in {args.mar.parent / MANIFEST_FILE}")
+    except (FileNotFoundError, ValueError) as e:  # CardError is a ValueError
         sys.exit(f"error: {e}")
 
 

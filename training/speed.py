@@ -14,19 +14,19 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from handlers.contract import CardError, ModelCard, Profile
 from handlers.deprecations import known_deprecations
 from handlers.loading import load_model
-from training import metadata
+from training.stats import percentile
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -44,6 +44,11 @@ def count_macs(model: torch.nn.Module, input_size: int) -> int:
     example = torch.randn(1, 3, input_size, input_size)
     macs, _ = tp.utils.count_ops_and_params(model, example)
     return int(macs)
+
+
+def profile(model: torch.nn.Module, input_size: int) -> Profile:
+    """Params and MACs of an eager float model, as the model card records them."""
+    return Profile(params=count_params(model), macs=count_macs(model, input_size))
 
 
 def size_on_disk(path: Path) -> int:
@@ -86,6 +91,20 @@ def any_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
+def median_seconds(fn: Callable[[], object], min_time: float = 0.0, min_reps: int = 5, max_reps: int = 500,
+                   warmup: int = 2) -> float:
+    """Median wall time of fn() after `warmup` calls; repeats at least min_reps times and for min_time seconds."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return percentile(times, 50)
+
+
 def _time_calls(model: torch.nn.Module, x: torch.Tensor, calls: int) -> list[float]:
     times = []
     for _ in range(calls):
@@ -125,8 +144,8 @@ def benchmark(
                 thr[name] += _time_calls(model, many, throughput_calls)
     return {
         name: {
-            "latency_ms_bs1": round(1000 * statistics.median(lat[name]), 3),
-            f"throughput_bs{batch}": round(batch / statistics.median(thr[name]), 2),
+            "latency_ms_bs1": round(1000 * percentile(lat[name], 50), 3),
+            f"throughput_bs{batch}": round(batch / percentile(thr[name], 50), 2),
             "timed_calls": len(lat[name]) + len(thr[name]),
         }
         for name in models
@@ -146,15 +165,6 @@ def kernel_ceiling(threads: int = 2, batch: int = 8, calls: int = 15) -> dict[st
     """
     from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
 
-    def median_seconds(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     fp32, int8 = [], []
     with thread_count(threads), any_algorithms(), warnings.catch_warnings():
         # Quantized tensor constructors are deprecated in torch 2.14 (still the kernels int8 models run).
@@ -169,8 +179,8 @@ def kernel_ceiling(threads: int = 2, batch: int = 8, calls: int = 15) -> dict[st
                                   conv.bias.detach())
             qx = torch.quantize_per_tensor(x, float(x.abs().max()) / 127, 128, torch.quint8)
             macs = batch * channels * channels * 9 * side * side
-            fp32.append(macs / median_seconds(lambda: conv(x)) / 1e9)  # noqa: B023 (called at once)
-            int8.append(macs / median_seconds(lambda: qconv(qx)) / 1e9)  # noqa: B023
+            fp32.append(macs / median_seconds(lambda: conv(x), min_reps=calls, max_reps=calls, warmup=1) / 1e9)  # noqa: B023
+            int8.append(macs / median_seconds(lambda: qconv(qx), min_reps=calls, max_reps=calls, warmup=1) / 1e9)  # noqa: B023
     return {"layers": [{"channels": c, "side": s, "fp32_gmacs": round(a, 1), "int8_gmacs": round(b, 1)}
                        for (c, s), a, b in zip(CEILING_CONVS, fp32, int8, strict=True)],
             "fp32_gmacs_max": round(max(fp32), 1), "int8_gmacs_max": round(max(int8), 1),
@@ -186,11 +196,11 @@ def main() -> None:
     models, sizes = {}, set()
     for d in args.model_dirs:
         try:
-            meta = metadata.read(d)
-            models[str(d)] = load_model(d, meta)
-        except (FileNotFoundError, ValueError) as e:
+            card = ModelCard.read(d)
+            models[str(d)] = load_model(d, card)
+            sizes.add(card.input.image_size)
+        except (FileNotFoundError, ValueError, CardError) as e:
             raise SystemExit(f"error: {e}") from e
-        sizes.add(meta["input_size"])
     if len(sizes) != 1:
         raise SystemExit(f"error: the models take different input sizes {sorted(sizes)}; compare like with like")
     results = benchmark(models, sizes.pop(), args.threads, args.rounds)

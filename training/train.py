@@ -5,22 +5,22 @@
     python -m training.train --data-dir /path/to/imagefolder --out artifacts/mine
 
 Writes OUT/model.pth (a state_dict, loads with weights_only=True), OUT/metadata.json
-(the file that travels into the .mar) and OUT/eval/test/{report.json,confusion_matrix.png}.
+(the model card that travels into the .mar) and OUT/eval/test/{report.json,confusion_matrix.png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,20 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from handlers.contract import (
+    CARD_FILE,
+    STATE_DICT_FILE,
+    DataRecord,
+    DataSpec,
+    InputContract,
+    Metrics,
+    ModelCard,
+    Recipe,
+    git_commit,
+)
 from handlers.imaging import Normalizer
 from handlers.loading import architectures, build_model
-from training import metadata
-from training.data import DataSpec, Splits, channel_stats, load_splits, loader
+from training.data import Splits, channel_stats, load_splits, loader
 from training.evaluate import classification_metrics, predict, summary, write_report
 
 
@@ -145,17 +155,16 @@ def fit(model: torch.nn.Module, splits: Splits, mean: list[float], std: list[flo
     return FitResult(best[0], best[1], history, time.perf_counter() - started)
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(args: argparse.Namespace) -> ModelCard:
     seed_everything(args.seed)
     device = torch.device(args.device)
     spec = DataSpec(
         source=str(args.data_dir) if args.data_dir else "digits",
-        input_size=args.input_size,
         seed=args.seed,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
     )
-    splits = load_splits(spec)
+    splits = load_splits(spec, args.input_size)
     mean, std = channel_stats(splits.train)
     num_classes = len(splits.labels)
     print(f"data: {spec.source} {splits.sizes}, {num_classes} classes, fingerprint {splits.fingerprint[:12]}")
@@ -177,39 +186,35 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(cpu_state, out / metadata.STATE_DICT_FILE)
-    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    meta = {
-        "name": args.name,
-        "version": args.version,
-        "architecture": args.arch,
-        "num_classes": num_classes,
-        "input_size": args.input_size,
-        "mean": mean,
-        "std": std,
-        "labels": splits.labels,
-        "variant": "fp32",
-        "recipe": {"technique": "train", "args": train_args},
-        "format": "state_dict",
-        "artifact": metadata.STATE_DICT_FILE,
-        "checkpoint": metadata.STATE_DICT_FILE,
-        "cpu_only": False,
-        "parent": None,
-        "data": {"spec": asdict(spec), "fingerprint": splits.fingerprint, "sizes": splits.sizes},
-        "training": {
+    torch.save(cpu_state, out / STATE_DICT_FILE)
+    # Unset options (None) are left out: TorchServe's frontend drops JSON nulls from what describe returns.
+    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if v is not None}
+    card = ModelCard(
+        name=args.name,
+        version=args.version,
+        architecture=args.arch,
+        labels=splits.labels,
+        input=InputContract(shape=[3, args.input_size, args.input_size], mean=mean, std=std),
+        variant="fp32",
+        runtime="eager",
+        artifact=STATE_DICT_FILE,
+        checkpoint=STATE_DICT_FILE,
+        recipe=Recipe("train", train_args),
+        data=DataRecord(spec, splits.fingerprint, splits.sizes),
+        training={
             "best_epoch": best[1],
             "seconds": round(seconds, 1),
             "autocast": "bf16" if use_bf16 else "off",
             "torch": torch.__version__,
             "history": history,
         },
-        "git_commit": metadata.git_commit(),
-        "metrics": {"test": summary(result), "val": {"top1": round(best[0], 6)}},
-    }
-    metadata.write(out, meta)
+        git_commit=git_commit(),
+        metrics=Metrics(test=summary(result), val_top1=round(best[0], 6)),
+    )
+    card.write(out)
     title = f"{args.arch} fp32 - test top-1 {100 * result['top1']:.2f}%"
     write_report(out / "eval" / "test", result, splits.labels, title)
-    return meta
+    return card
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -250,9 +255,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {args.out} already holds a checkpoint; pass --overwrite to replace it "
                      "or choose another --out")
         shutil.rmtree(args.out)
-    meta = train(args)
-    print(json.dumps(meta["metrics"], indent=2))
-    print(f"checkpoint: {args.out}/{metadata.STATE_DICT_FILE}, metadata: {args.out}/{metadata.METADATA_FILE}")
+    try:
+        card = train(args)
+    except ValueError as e:  # e.g. an ImageFolder that is not one, or split fractions that leave nothing to train on
+        sys.exit(f"error: {e}")
+    print(json.dumps(dataclasses.asdict(card.metrics), indent=2))
+    print(f"checkpoint: {args.out}/{STATE_DICT_FILE}, model card: {args.out}/{CARD_FILE}")
 
 
 if __name__ == "__main__":
