@@ -11,62 +11,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from ts.context import Context, RequestProcessor
+from ts.context import Context
 
+from handlers.contract import CardError, ModelCard
 from handlers.image_classifier import ImageClassifier
-from training import metadata
+from harness.context import call, make_context
+from training.speed import median_seconds
 
 BATCHES = (1, 8)
-
-
-def make_context(model_dir: Path, name: str, batch_size: int, config: dict[str, Any], gpu: bool) -> Context:
-    """TorchServe's own Context class, filled in as its worker fills it for this model."""
-    manifest = {"model": {"modelName": name, "modelVersion": "bench"}}
-    return Context(name, str(model_dir), manifest, batch_size, 0 if gpu else None, "bench",
-                   model_yaml_config=config)
-
-
-def call(handler: ImageClassifier, ctx: Context, rows: list[dict[str, Any]]) -> list[int]:
-    """One batch through handler.handle, with per-request processors as TorchServe's service sets them;
-    returns the response status of each request."""
-    ctx.request_processor = [RequestProcessor({"Content-Type": "image/jpeg"}) for _ in rows]
-    handler.handle(rows, ctx)
-    return [rp.get_response_status_code() for rp in ctx.request_processor]
 
 
 def load_handler(model_dir: Path, name: str = "bench", batch_size: int = 8, options: dict[str, Any] | None = None,
                  gpu: bool = False) -> tuple[ImageClassifier, Context]:
     handler = ImageClassifier()
-    ctx = make_context(model_dir, name, batch_size, {"handler": options or {}}, gpu)
+    ctx = make_context(model_dir, batch_size, 0 if gpu else None, name=name, config={"handler": options or {}})
     handler.initialize(ctx)
     return handler, ctx
-
-
-def median_seconds(fn: Callable[[], object], min_time: float, min_reps: int = 5, max_reps: int = 500) -> float:
-    """Median wall time of fn() after two warm-up calls; repeats for at least min_time seconds."""
-    for _ in range(2):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure_variant(model_dir: Path, bodies: list[bytes], min_time: float, options: dict[str, Any] | None = None,
                     gpu: bool = False, batches: list[int] | tuple[int, ...] = BATCHES) -> list[dict[str, Any]]:
     """Rows {variant, batch, decode, ms_per_batch, images_per_s} for one model directory."""
     handler, ctx = load_handler(model_dir, options=options, gpu=gpu)
-    variant = handler.meta["variant"]
+    variant = handler.card.variant
     statuses: set[int] = set()
     rows = []
     for batch in batches:
@@ -75,7 +46,8 @@ def measure_variant(model_dir: Path, bodies: list[bytes], min_time: float, optio
         normalized = handler.collate(list(tensors))
 
         def with_decode(requests: list[dict[str, Any]] = requests) -> None:
-            statuses.update(call(handler, ctx, requests))
+            headers = [{"Content-Type": "image/jpeg"}] * len(requests)
+            statuses.update(status for status, _ in call(handler, ctx, requests, headers))
 
         def model_only(x: torch.Tensor = normalized) -> None:
             out = handler.forward(x)
@@ -92,18 +64,19 @@ def measure_variant(model_dir: Path, bodies: list[bytes], min_time: float, optio
 
 
 def model_dirs(model_dir: Path, variants_dir: Path | None, only: list[str] | None = None) -> list[Path]:
-    """fp32 first, then every variant under variants_dir (default MODEL/variants) that has metadata and
+    """fp32 first, then every variant under variants_dir (default MODEL/variants) that has a model card and
     its artifact, one directory per variant name. training.optimize writes its own variants/fp32 (the
     TorchScript export of the parent); when present it stands for fp32, else the parent does."""
     found: dict[str, Path] = {}
     parent = variants_dir if variants_dir is not None else model_dir / "variants"
     if parent.is_dir():
         for d in sorted(parent.iterdir()):
-            meta_file = d / metadata.METADATA_FILE
-            if meta_file.is_file():
-                meta = json.loads(meta_file.read_text())
-                if (d / meta["artifact"]).is_file():
-                    found.setdefault(meta["variant"], d)
+            try:
+                card = ModelCard.read(d)
+            except (FileNotFoundError, CardError):
+                continue
+            if (d / card.artifact).is_file():
+                found.setdefault(card.variant, d)
     if "fp32" not in found:
         found["fp32"] = model_dir
     names = ["fp32", *sorted(n for n in found if n != "fp32")]

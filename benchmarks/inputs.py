@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torchvision.io import encode_jpeg
 
+from handlers.contract import ModelCard
 from handlers.deprecations import known_deprecations
-from training import metadata
-from training.data import DataSpec, load_splits
+from training.evaluate import splits_for
 
 DIGIT_SIZE = 224
 JPEG_QUALITY = 90
@@ -55,13 +55,10 @@ def write_set(out: Path, name: str, blobs: list[bytes], description: str) -> Inp
 
 def digits(model_dir: Path, out: Path, limit: int | None = None) -> InputSet:
     """The model's held-out test digits, re-rendered at 224x224 and JPEG-encoded."""
-    meta = metadata.read(model_dir)
-    spec = meta["data"]["spec"]
-    if spec["source"] != "digits":
-        raise ValueError(f"{model_dir} was trained on {spec['source']}, not the bundled digits")
-    splits = load_splits(DataSpec(**{**spec, "input_size": DIGIT_SIZE}))
-    if splits.fingerprint != meta["data"]["fingerprint"]:
-        raise ValueError("the digits split no longer matches the model's fingerprint; retrain the model")
+    card = ModelCard.read(model_dir)
+    if card.data is None or card.data.spec.source != "digits":
+        raise ValueError(f"{model_dir} was not trained on the bundled digits")
+    splits = splits_for(card, DIGIT_SIZE)
     n = len(splits.test) if limit is None else min(limit, len(splits.test))
     blobs = [jpeg(splits.test[i][0]) for i in range(n)]
     return write_set(out, "digits", blobs, f"{n} held-out test digits, {DIGIT_SIZE}x{DIGIT_SIZE} JPEG q{JPEG_QUALITY}")

@@ -22,6 +22,7 @@ import torch
 from benchmarks import inputs
 from benchmarks.inprocess import load_handler, median_seconds
 from benchmarks.tools import ensure_captum
+from handlers.contract import CARD_FILE
 
 BATCH = 8
 
@@ -114,8 +115,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--quick", action="store_true", help="shorter timings")
     args = ap.parse_args()
-    if not (args.model / "metadata.json").is_file():
-        sys.exit(f"error: {args.model}/metadata.json not found; train and export a model first, or pass --model")
+    if not (args.model / CARD_FILE).is_file():
+        sys.exit(f"error: {args.model}/{CARD_FILE} not found; train and export a model first, or pass --model")
     result = run(args.model, args.out, args.quick)
     print(markdown(result["rows"], result["threads"]))
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata as im
 import os
-import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -28,19 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-import requests
 import torch
 import yaml
 from tqdm import tqdm
 
 from benchmarks import inputs, preprocess, report, stock
+from benchmarks.acceptance import acceptance, add_ratios
 from benchmarks.archives import ROOT, BuildError, build_ours
+from benchmarks.environment import machine, versions
 from benchmarks.inprocess import measure_variant, model_dirs
-from benchmarks.served import Bench, isolated
-from benchmarks.tools import CAPTUM_DIR, ensure_captum, ensure_wrk, version
-from tests.torchserve import TorchServe
-from training import metadata
+from benchmarks.served import Bench
+from benchmarks.startup import startup_time
+from benchmarks.tools import ensure_captum
+from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard, git_commit
+from harness.wrk_throughput import ensure_wrk
 
 DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
 
@@ -56,90 +54,6 @@ class Mode:
 
 QUICK = Mode("quick", (4,), 4, 24, 0.3)
 FULL = Mode("full", (1, 4, 16), 15, None, 3.0)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def versions() -> dict[str, str]:
-    def dist(name: str) -> str:
-        try:
-            return im.version(name)
-        except im.PackageNotFoundError:
-            return "missing"
-
-    captum = next(CAPTUM_DIR.glob("captum-*.dist-info"), None)
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": dist("torchvision"),
-            "torchserve": dist("torchserve"), "torch-model-archiver": dist("torch-model-archiver"),
-            "captum": captum.name.removeprefix("captum-").removesuffix(".dist-info") if captum else "missing",
-            "wrk": version(["wrk", "--version"]).split(" [")[0].replace("debian/", ""),
-            "java": version(["java", "-version"])}
-
-
-# Log lines that mark the start-up phases, in order (ts_log.log holds the frontend's and the worker's).
-STARTUP_MARKS = (
-    ("frontend up (JVM, config, key file)", re.compile(r"Initializing plugins manager")),
-    ("archive registered", re.compile(r"Model \S+ loaded\.")),
-    ("worker process spawned", re.compile(r"Worker cmdline")),
-    ("worker python up (ts imports)", re.compile(r"Torch worker started")),
-    ("handler initialized (torch import, load, warm-up)", re.compile(r"ready on ")),
-)
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d),(\d{3})")
-
-
-def startup_phases(log: str, launched: float) -> dict[str, float]:
-    """Seconds after launch at which each start-up mark first appears in the log (local wall clock)."""
-    out: dict[str, float] = {}
-    for line in log.splitlines():
-        m = LOG_TIME.match(line)
-        if not m:
-            continue
-        for name, pattern in STARTUP_MARKS:
-            if name not in out and pattern.search(line):
-                stamp = dt.datetime.fromisoformat(m.group(1)).timestamp() + int(m.group(2)) / 1000
-                out[name] = round(stamp - launched, 2)
-    return out
-
-
-def startup_time(mar: Path, work: Path) -> tuple[float, dict[str, float]]:
-    """Seconds from launching `torchserve --start` (production config, load_models=all) to the first
-    successful prediction of the default model, and when each start-up phase was reached."""
-    store = work / "startup-store"
-    store.mkdir()
-    shutil.copy2(mar, store / mar.name)
-    body = next((work / "inputs" / "digits").glob("*.jpg")).read_bytes()
-    overrides, env = isolated(work / "ts-startup")
-    ts = TorchServe(work / "ts-startup", store, overrides, env=env)
-    try:
-        launched = time.time()
-        t0 = time.monotonic()
-        ts.start()
-        deadline = t0 + 180
-        while time.monotonic() < deadline:
-            try:
-                if ts.predict(mar.stem, body, content_type="image/jpeg", timeout=10).status_code == 200:
-                    elapsed = time.monotonic() - t0
-                    phases = startup_phases(ts.logs("ts_log.log"), launched)
-                    return elapsed, {**phases, "first successful prediction": round(elapsed, 2)}
-            except requests.RequestException:
-                pass
-            ts._check_alive()
-            time.sleep(0.05)
-        raise TimeoutError(f"no successful prediction within 180 s\n{ts.log_tail()}")
-    finally:
-        ts.stop()
 
 
 def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str, batch: int,
@@ -199,59 +113,6 @@ def load_70(bench: Bench, name: str, mar: str, digits: inputs.InputSet, rows: li
             "server_metrics": server_metrics}
 
 
-def add_ratios(served: list[dict[str, Any]], inproc: list[dict[str, Any]]) -> None:
-    """vs stock: over the best stock setting at the same input and concurrency (it is measured with one and
-    with as many workers as cores, so the ratio never rests on a badly set-up baseline)."""
-    stock_rps: dict[tuple[str, int], float] = {}
-    for r in served:
-        if r["server"] == "stock":
-            key = (r["input"], r["concurrency"])
-            stock_rps[key] = max(stock_rps.get(key, 0.0), r["rps"])
-    ceiling = {(r["variant"], r["batch"]): r["images_per_s"] for r in inproc if r["decode"]}
-    for r in served:
-        base = stock_rps.get((r["input"], r["concurrency"]))
-        r["vs_stock"] = r["rps"] / base if base and r["server"] == "ours" else None
-        top = ceiling.get((r["variant"], r["batch_size"]))
-        r["vs_inprocess"] = r["rps"] / top if top and r["server"] == "ours" and r["input"] == "digits" else None
-
-
-def acceptance(served: list[dict[str, Any]], inproc: list[dict[str, Any]], l70: dict[str, Any] | None,
-               startup_s: float | None) -> list[dict[str, Any]]:
-    out = []
-    ours = [r for r in served if r["server"] == "ours" and r["input"] == "digits"]
-    stock_rows = [r for r in served if r["server"] == "stock" and r["input"] == "digits"]
-    compared = [r for r in ours if r["vs_stock"] is not None]
-    if compared:
-        best = max(compared, key=lambda r: r["vs_stock"])
-        errors = sum(r["errors"] for r in ours + stock_rows)
-        out.append({"target": "best variant >= 10x stock req/s on digits, same concurrency, 0 errors",
-                    "measured": f"{best['vs_stock']:.2f}x ({best['variant']} {best['rps']:.1f} vs stock "
-                                f"{best['rps'] / best['vs_stock']:.1f} req/s at c{best['concurrency']}); "
-                                f"{errors} errors in all runs",
-                    "met": best["vs_stock"] >= 10 and errors == 0, "value": best["vs_stock"]})
-    if ours:
-        peak: dict[str, dict[str, Any]] = {}
-        for r in ours:
-            if r["vs_inprocess"] is not None and r["rps"] > peak.get(r["variant"], {}).get("rps", -1):
-                peak[r["variant"]] = r
-        if peak:
-            top = max(peak.values(), key=lambda r: r["rps"])
-            worst = min(peak.values(), key=lambda r: r["vs_inprocess"])
-            out.append({"target": "served / in-process >= 0.8 (same variant and batch, decode included)",
-                        "measured": f"{top['vs_inprocess']:.2f} for the fastest ({top['variant']}, batch "
-                                    f"{top['batch_size']}); lowest {worst['vs_inprocess']:.2f} ({worst['variant']})",
-                        "met": top["vs_inprocess"] >= 0.8, "value": top["vs_inprocess"]})
-    if l70:
-        out.append({"target": "p99 <= 2x p50 at 70% of max throughput",
-                    "measured": f"p99/p50 = {l70['p99_over_p50']:.2f} ({l70['variant']} at "
-                                f"{100 * l70['fraction']:.0f}% of max, {l70['rps']:.1f} req/s)",
-                    "met": l70["p99_over_p50"] <= 2 and l70["errors"] == 0, "value": l70["p99_over_p50"]})
-    if startup_s is not None:
-        out.append({"target": "torchserve --start to first prediction <= 10 s (default model, CPU)",
-                    "measured": f"{startup_s:.2f} s", "met": startup_s <= 10, "value": startup_s})
-    return out
-
-
 def stock_settings(mode: Mode) -> list[tuple[int, str]]:
     """(workers, OMP_NUM_THREADS) for stock TorchServe: its one-worker default, and in full mode also one
     worker per core with one thread each, the usual CPU tuning; the better of the two is the baseline."""
@@ -292,15 +153,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.duration:
         mode = Mode(mode.name, mode.levels, args.duration, mode.digits, mode.min_time)
     model = args.model or ROOT / "artifacts" / ("resnet50" if args.gpu else "resnet18")
-    if not (model / "metadata.json").is_file():
-        sys.exit(f"error: {model}/metadata.json not found; train and export the model first "
+    if not (model / CARD_FILE).is_file():
+        sys.exit(f"error: {model}/{CARD_FILE} not found; train and export the model first "
                  f"(python -m training.train --out {model} && python -m training.export {model}) or pass --model")
     try:
         dirs = model_dirs(model, args.variants, args.only)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if not (dirs[0] / metadata.TORCHSCRIPT_FILE).is_file():
-        sys.exit(f"error: {dirs[0]}/{metadata.TORCHSCRIPT_FILE} (fp32 TorchScript, needed by stock TorchServe) not "
+    if not (dirs[0] / TORCHSCRIPT_FILE).is_file():
+        sys.exit(f"error: {dirs[0]}/{TORCHSCRIPT_FILE} (fp32 TorchScript, needed by stock TorchServe) not "
                  f"found; export it: python -m training.export {model}")
     if args.gpu and not torch.cuda.is_available():
         sys.exit("error: --gpu given but CUDA is not available on this machine; run without --gpu")
@@ -337,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stock_mar = stock.build(dirs[0], store, "stock")
         ours: list[tuple[str, str, Path]] = []  # (model name, variant, archive)
         for d in dirs:
-            variant = metadata.read(d)["variant"]
+            variant = ModelCard.read(d).variant
             try:
                 ours.append((f"ours_{variant}", variant, build_ours(d, store, f"ours_{variant}", config_path, device)))
             except BuildError as e:
@@ -375,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mode": mode.name, "device": "cuda " + args.amp if args.gpu else "cpu", "started": started,
         "wall_s": round(time.monotonic() - t_start, 1),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": metadata.git_commit(), "machine": machine(), "versions": versions(),
+        "git_commit": git_commit(), "machine": machine(), "versions": versions(),
         "settings": {"levels": list(mode.levels), "duration_s": mode.duration_s, "config": str(args.config),
                      "ours_config": {k: cfg.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers",
                                                              "maxWorkers")},

@@ -1,6 +1,6 @@
 """A TorchServe under load: register one archive at a time, drive it with wrk, read its metrics.
 
-Used by benchmarks/run.py and benchmarks/tune.py. Real TorchServe (tests/torchserve.TorchServe) on
+Used by benchmarks/run.py and benchmarks/tune.py. Real TorchServe (harness.torchserve.TorchServe) on
 free loopback ports with token auth on; the management API's model registration is enabled for the
 benchmark instance only, so each configuration is loaded, measured alone and unloaded.
 """
@@ -11,31 +11,18 @@ import os
 import re
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-import requests
 
-from benchmarks import load
-from tests.torchserve import TorchServe, free_port
+from harness import wrk_throughput
+from harness.torchserve import TorchServe
 
 PROM_LINE = re.compile(r"^(\w+)\{([^}]*)\}\s+([-+0-9.eE]+|NaN)$")
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 COUNTERS = ("ts_inference_requests_total", "ts_queue_latency_microseconds", "ts_inference_latency_microseconds")
 GAUGES = ("HandlerTime", "PreprocessMs", "InferenceMs", "PostprocessMs", "HandlerBatchSize")
-
-
-def isolated(workdir: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(config overrides, environment) that let this TorchServe run beside another on the same machine:
-    its own gRPC ports (default 7070/7071), worker socket numbers (/tmp/.ts.sock.9000...) and TMPDIR
-    (`torchserve --start` refuses while $TMPDIR/.model_server.pid names a live TorchServe)."""
-    tmp = Path(workdir) / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    overrides = {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-                 "initial_worker_port": str(20000 + free_port() % 30000)}
-    return overrides, {"TMPDIR": str(tmp)}
 
 
 def parse_prometheus(text: str, model: str) -> dict[str, float]:
@@ -52,52 +39,20 @@ def parse_prometheus(text: str, model: str) -> dict[str, float]:
     return out
 
 
-@dataclass
-class Measurement:
-    """One wrk run against one model, with TorchServe's own view of the same requests."""
-
-    server: str  # "stock" | "ours"
-    model: str
-    variant: str
-    input: str
-    batch_size: int
-    load: load.LoadResult
-    server_metrics: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"server": self.server, "model": self.model, "variant": self.variant, "input": self.input,
-                "batch_size": self.batch_size, **self.load.to_dict(), "server_metrics": self.server_metrics}
-
-
 class Bench:
     """One TorchServe instance for a series of measurements; always stopped by `close`."""
 
     def __init__(self, workdir: Path, store: Path, env: dict[str, str] | None = None) -> None:
-        overrides, private_env = isolated(workdir)
-        overrides.update({"enable_model_api": "true", "load_models": "", "job_queue_size": "1000"})
-        self.ts = TorchServe(workdir, store, overrides, env={**private_env, **(env or {})})
+        overrides = {"enable_model_api": "true", "load_models": "", "job_queue_size": "1000"}
+        self.ts = TorchServe(workdir, store, overrides, env=env)
 
     def __enter__(self) -> Bench:
         try:
             self.ts.start()
-            self.wait_api()
         except BaseException:
             self.close()
             raise
         return self
-
-    def wait_api(self, timeout: float = 120) -> None:
-        """The key file appears before the APIs bind; wait until the management API answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.ts._check_alive()
-            try:
-                if self.ts.manage("GET", "/models", timeout=5).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"TorchServe's management API did not answer in {timeout:.0f}s\n{self.ts.log_tail()}")
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -106,42 +61,40 @@ class Bench:
         self.ts.stop()
 
     def register(self, name: str, mar: str, timeout: float = 180, workers: int = 1) -> float:
-        """Load an archive from the store synchronously; seconds until its workers are READY. An archive's
-        model-config.yaml (minWorkers) takes precedence over `workers`."""
+        """Load an archive from the store; seconds until its workers are READY. An archive's model-config.yaml
+        (minWorkers) takes precedence over `workers`."""
         t0 = time.monotonic()
-        r = self.ts.manage("POST", "/models", params={"url": mar, "model_name": name, "synchronous": "true",
-                                                      "initial_workers": str(workers)}, timeout=timeout)
-        if not r.ok:
-            raise RuntimeError(f"registering {mar} failed ({r.status_code}): {r.text[:300]}\n{self.ts.log_tail()}")
-        self.ts.wait_ready(name, timeout)
+        try:
+            self.ts.api.register(mar, name=name, workers=workers, timeout=timeout)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{self.ts.log_tail()}") from None
+        self.ts.wait([name], timeout)
         return time.monotonic() - t0
 
     def unregister(self, name: str) -> None:
-        self.ts.manage("DELETE", f"/models/{name}", timeout=60)
-
-    def workers(self, name: str) -> int:
-        return sum(len(m.get("workers", [])) for m in self.ts.describe(name))
+        self.ts.api.unregister(name)
 
     def warm(self, name: str, body: bytes, n: int = 3) -> None:
         for _ in range(n):
-            r = self.ts.predict(name, body, content_type="image/jpeg")
+            r = self.ts.api.predict(name, body, content_type="image/jpeg")
             if not r.ok:
                 raise RuntimeError(f"{name} answered {r.status_code} to a warm-up request: {r.text[:300]}\n"
                                    f"{self.ts.log_tail()}")
 
     def measure(self, name: str, list_file: Path, concurrency: int, duration_s: float,
-                think_ms: float = 0.0) -> tuple[load.LoadResult, dict[str, Any]]:
+                think_ms: float = 0.0) -> tuple[wrk_throughput.LoadResult, dict[str, Any]]:
         """wrk against /predictions/<name>, plus the server-side queue/handler time of those requests and
         the CPU time each process spent on them."""
-        before = parse_prometheus(self.ts.metrics(), name)
+        api = self.ts.api
+        before = parse_prometheus(api.metrics(), name)
         group = self.ts.proc.pid if self.ts.proc else os.getpgid(0)
         cpu_before, wrk_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
-        result = load.run(self.ts.url("inference", f"/predictions/{name}"), self.ts.keys()["inference"],
-                          list_file, concurrency, duration_s, think_ms=think_ms)
+        result = wrk_throughput.run(api.url("inference", f"/predictions/{name}"), api.keys["inference"], list_file,
+                                    concurrency, duration_s, think_ms=think_ms)
         wall = time.monotonic() - t0
         cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(group).items()}
         cpu["load_generator"] = children_cpu_seconds() - wrk_before
-        after = parse_prometheus(self.ts.metrics(), name)
+        after = parse_prometheus(api.metrics(), name)
         return result, {**server_side(before, after), **cpu_profile(cpu, result.requests, wall)}
 
 

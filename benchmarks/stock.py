@@ -17,21 +17,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from training import metadata
+from handlers.contract import TORCHSCRIPT_FILE, CardError, ModelCard
 
 
 def build(model_dir: Path, store: Path, name: str = "stock") -> Path:
     """STORE/NAME.mar from MODEL_DIR's fp32 TorchScript; returns the archive path."""
-    meta = metadata.read(model_dir)
-    artifact = model_dir / metadata.TORCHSCRIPT_FILE
-    if meta.get("variant") != "fp32" or meta.get("format") != "torchscript" or not artifact.is_file():
+    card = ModelCard.read(model_dir)
+    artifact = model_dir / TORCHSCRIPT_FILE
+    if card.variant != "fp32" or card.runtime != "torchscript" or not artifact.is_file():
         raise FileNotFoundError(f"{artifact} (fp32 TorchScript) not found; make it with: "
                                 f"python -m training.export {model_dir}")
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver")
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(tmp) / "index_to_name.json"
-        index.write_text(json.dumps({str(i): label for i, label in enumerate(meta["labels"])}))
+        index.write_text(json.dumps({str(i): label for i, label in enumerate(card.labels)}))
         cmd = [archiver, "--model-name", name, "--version", "1.0", "--serialized-file", str(artifact),
                "--handler", "image_classifier", "--extra-files", str(index), "--export-path", str(store), "--force"]
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     try:
         print(f"built {build(args.model_dir, args.store, args.name)}")
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError, CardError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -1,37 +1,19 @@
-"""Benchmark-only tools, installed on demand: wrk (Debian package) and captum (a private target dir).
+"""Benchmark-only tools, installed on demand: captum (a private target dir, for stock TorchServe only) and wrk
+(harness.wrk_throughput.ensure_wrk).
 
     python -m benchmarks.tools        # install both if missing and print where they are
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from harness.wrk_throughput import ensure_wrk
+
 HERE = Path(__file__).resolve().parent
 CAPTUM_DIR = HERE / ".captum"
-
-
-def ensure_wrk() -> str:
-    """Path of wrk; apt-get installs it when missing (apt-get update once first)."""
-    path = shutil.which("wrk")
-    if path:
-        return path
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        sys.exit("error: wrk is not installed; install it with: sudo apt-get update && sudo apt-get install -y wrk")
-    print("installing wrk with apt-get ...", file=sys.stderr)
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            sys.exit(f"error: {' '.join(cmd)} failed ({result.stderr.strip()[-300:]}); install wrk by hand")
-    path = shutil.which("wrk")
-    if not path:
-        sys.exit("error: apt-get installed wrk but it is not on PATH")
-    return path
 
 
 def ensure_captum() -> Path:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from benchmarks import inputs
 from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.served import Bench
+from handlers.contract import CARD_FILE
 
 DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
 
@@ -95,14 +96,6 @@ def sweep(variant_dir: Path, base_config: Path, grid: list[dict[str, int]], conc
     return rows
 
 
-def data_dir(model_dir: Path) -> Path:
-    """A directory whose metadata names the digits split: the variant's own, or its fp32 parent's
-    (variants live at <model>/variants/<name>)."""
-    if "data" in json.loads((model_dir / "metadata.json").read_text()):
-        return model_dir
-    return model_dir.parent.parent
-
-
 def grid_of(batches: list[int], delays: list[int], workers: list[int]) -> list[dict[str, int]]:
     return [{"batch_size": b, "max_batch_delay": d, "workers": w}
             for b, d, w in itertools.product(batches, delays, workers)]
@@ -134,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where tune.json goes")
     args = ap.parse_args(argv)
 
-    meta_file = args.variant_dir / "metadata.json"
-    if not meta_file.is_file():
-        sys.exit(f"error: {meta_file} not found; pass a model or variant directory (e.g. artifacts/resnet18)")
+    card_file = args.variant_dir / CARD_FILE
+    if not card_file.is_file():
+        sys.exit(f"error: {card_file} not found; pass a model or variant directory (e.g. artifacts/resnet18)")
     if not args.config.is_file():
         sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
     q = args.quick
@@ -146,10 +139,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     duration = args.duration or (2 if q else 8)
     work = Path(tempfile.mkdtemp(prefix="tune-"))
     try:
-        digits = inputs.digits(data_dir(args.variant_dir), work / "inputs", limit=32 if q else None)
+        digits = inputs.digits(args.variant_dir, work / "inputs", limit=32 if q else None)
         rows = sweep(args.variant_dir, args.config, grid, concurrency, duration, work, digits, args.device)
     except BuildError as e:
         sys.exit(f"error: could not build the variant's archive: {e}")
+    except ValueError as e:  # a card that names no digits split
+        sys.exit(f"error: {e}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -31,6 +31,8 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from handlers.contract import KEY_FILE, KeyFileError, read_key
+
 RETRY_STATUS = frozenset({503, 507})
 AUTH_HINT = ("send the 'inference' key from key_file.json (written by TorchServe in the directory it was "
              "started from) as the token")
@@ -81,17 +83,6 @@ class ServerUnavailable(PredictionError):
 
 class RequestTimeout(PredictionError):
     """No answer within the read timeout; not retried, the server may still be working on it."""
-
-
-def read_key(path: Path, api: str = "inference") -> str:
-    """One key from TorchServe's key_file.json."""
-    try:
-        return json.loads(Path(path).read_text())[api]["key"]
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path} not found; TorchServe writes key_file.json in the directory it was "
-                                "started from (token auth is on)") from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} has no readable '{api}' key; is it TorchServe's key_file.json?") from e
 
 
 def server_message(response: requests.Response) -> tuple[str, str | None]:
@@ -224,14 +215,14 @@ def main() -> None:
     ap.add_argument("--url", default=os.environ.get("TS_INFERENCE_URL", "http://127.0.0.1:8080"))
     ap.add_argument("--model", default="digits")
     ap.add_argument("--version", default=None)
-    ap.add_argument("--token-file", type=Path, default=Path("key_file.json"))
+    ap.add_argument("--token-file", type=Path, default=Path(KEY_FILE))
     ap.add_argument("--concurrency", type=int, default=4)
     args = ap.parse_args()
     token = os.environ.get("TS_INFERENCE_TOKEN")
     try:
-        token = token or read_key(args.token_file)
+        token = token or read_key(args.token_file, "inference")
         images = [p.read_bytes() for p in args.images]
-    except (OSError, ValueError) as e:
+    except (OSError, KeyFileError) as e:
         sys.exit(f"error: {e}")
     with InferenceClient(args.url, token, model=args.model) as client:
         results = client.predict_many(images, args.concurrency, args.version)

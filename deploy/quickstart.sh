@@ -34,42 +34,27 @@ step "package (accuracy gate + torch-model-archiver)"
 [[ -f model_store/digits_int8.mar ]] || ./build_mar.sh "$MODEL/variants/int8" --name digits_int8
 
 step "serve: torchserve --start --ts-config config.properties"
+rm -f key_file.json  # TorchServe writes fresh keys at start; an old file would hold stale ones
 torchserve --start --ts-config config.properties --model-store model_store --ncs >/dev/null
-python - <<'PY'
-import json, sys, time, requests
-deadline = time.time() + 180
-while time.time() < deadline:
-    try:
-        key = json.load(open("key_file.json"))["management"]["key"]
-        models = requests.get("http://127.0.0.1:8081/models", headers={"Authorization": f"Bearer {key}"}, timeout=2)
-        ready = [m["modelName"] for m in models.json()["models"]
-                 if any(w["status"] == "READY" for w in requests.get(
-                     f"http://127.0.0.1:8081/models/{m['modelName']}", headers={"Authorization": f"Bearer {key}"},
-                     timeout=2).json()[0]["workers"])]
-        if {"digits", "digits_int8"} <= set(ready):
-            sys.exit(0)
-    except (OSError, ValueError, KeyError, IndexError, requests.RequestException):
-        pass
-    time.sleep(1)
-sys.exit("error: models not READY after 180 s; see logs/ts_log.log and logs/model_log.log")
-PY
+for _ in $(seq 120); do [[ -f key_file.json ]] && break; sleep 0.5; done
+python -m deploy.deploy wait digits digits_int8 --timeout 180
 python - <<'PY'
 from pathlib import Path
 from torchvision.io import encode_png
-from training.data import DataSpec, load_splits
-from training import metadata
-meta = metadata.read(Path("artifacts/resnet18"))
-test = load_splits(DataSpec(**meta["data"]["spec"])).test
+from handlers.contract import ModelCard
+from handlers.deprecations import known_deprecations
+from training.evaluate import splits_for
+test = splits_for(ModelCard.read(Path("artifacts/resnet18"))).test
 out = Path("artifacts/samples"); out.mkdir(exist_ok=True)
 for i in range(3):
     image, label = test[i]
-    (out / f"digit_{i}_label_{label}.png").write_bytes(encode_png(image).numpy().tobytes())
+    with known_deprecations():
+        (out / f"digit_{i}_label_{label}.png").write_bytes(encode_png(image).numpy().tobytes())
 PY
 SAMPLE="$(ls artifacts/samples/*.png | head -n1)"
-TOKEN_CMD='$(python3 -c "import json;print(json.load(open(\"key_file.json\"))[\"inference\"][\"key\"])")'
 step "serving digits (fp32) and digits_int8 (CPU) on 127.0.0.1:8080 - try it:"
-echo "curl -s -H \"Authorization: Bearer $TOKEN_CMD\" -H 'Content-Type: application/octet-stream' --data-binary @$SAMPLE http://127.0.0.1:8080/predictions/digits"
-TOKEN="$(python3 -c 'import json;print(json.load(open("key_file.json"))["inference"]["key"])')"
+echo "curl -s -H \"Authorization: Bearer \$(.venv/bin/python -m handlers.contract key inference)\" -H 'Content-Type: application/octet-stream' --data-binary @$SAMPLE http://127.0.0.1:8080/predictions/digits"
+TOKEN="$(python -m handlers.contract key inference)"
 curl -s -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/octet-stream' --data-binary @"$SAMPLE" \
   http://127.0.0.1:8080/predictions/digits
 echo

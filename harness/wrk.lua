@@ -1,5 +1,5 @@
 -- wrk script: POST a rotation of request bodies with a bearer token; print one JSON summary line.
---   wrk -t1 -c4 -d10s --latency -s benchmarks/wrk.lua URL -- TOKEN CONTENT_TYPE THINK_MS LIST_FILE
+--   wrk -t1 -c4 -d10s --latency -s harness/wrk.lua URL -- TOKEN CONTENT_TYPE THINK_MS LIST_FILE
 -- LIST_FILE names one body file per line. THINK_MS > 0 makes each connection pause for an
 -- exponentially distributed time (that mean, in ms) between requests: an offered rate below saturation.
 

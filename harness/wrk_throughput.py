@@ -1,6 +1,7 @@
-"""The load generator: wrk (compiled, event-driven, keep-alive) driven by benchmarks/wrk.lua.
+"""Throughput with wrk (compiled, event-driven, keep-alive) driven by harness/wrk.lua. (Correctness under load,
+request by request, is harness/correctness_load.py.)
 
-    python -m benchmarks.load URL TOKEN LIST_FILE [-c 4] [-d 10] [--think-ms 0]
+    python -m harness.wrk_throughput URL TOKEN LIST_FILE [-c 4] [-d 10] [--think-ms 0]
 
 wrk rather than ab: ab sends one fixed body, while wrk's Lua hook rotates through every held-out
 digit; wrk keeps connections alive by default and reports latency percentiles in microseconds.
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from benchmarks.tools import ensure_wrk
 
 SCRIPT = Path(__file__).resolve().parent / "wrk.lua"
 
@@ -37,6 +39,25 @@ class LoadResult:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def ensure_wrk() -> str:
+    """Path of wrk; apt-get installs it when missing (as root)."""
+    path = shutil.which("wrk")
+    if path:
+        return path
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        sys.exit("error: wrk is not installed; install it with: sudo apt-get update && sudo apt-get install -y wrk")
+    print("installing wrk with apt-get ...", file=sys.stderr)
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            sys.exit(f"error: {' '.join(cmd)} failed ({result.stderr.strip()[-300:]}); install wrk by hand")
+    path = shutil.which("wrk")
+    if not path:
+        sys.exit("error: apt-get installed wrk but it is not on PATH")
+    return path
 
 
 def run(url: str, token: str, list_file: Path, concurrency: int, duration_s: float,

@@ -1,0 +1,60 @@
+"""The benchmark's ratios (vs stock, vs in-process) and its acceptance targets, from one run's rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def add_ratios(served: list[dict[str, Any]], inproc: list[dict[str, Any]]) -> None:
+    """vs stock: over the best stock setting at the same input and concurrency (it is measured with one and
+    with as many workers as cores, so the ratio never rests on a badly set-up baseline)."""
+    stock_rps: dict[tuple[str, int], float] = {}
+    for r in served:
+        if r["server"] == "stock":
+            key = (r["input"], r["concurrency"])
+            stock_rps[key] = max(stock_rps.get(key, 0.0), r["rps"])
+    ceiling = {(r["variant"], r["batch"]): r["images_per_s"] for r in inproc if r["decode"]}
+    for r in served:
+        base = stock_rps.get((r["input"], r["concurrency"]))
+        r["vs_stock"] = r["rps"] / base if base and r["server"] == "ours" else None
+        top = ceiling.get((r["variant"], r["batch_size"]))
+        r["vs_inprocess"] = r["rps"] / top if top and r["server"] == "ours" and r["input"] == "digits" else None
+
+
+def acceptance(served: list[dict[str, Any]], inproc: list[dict[str, Any]], l70: dict[str, Any] | None,
+               startup_s: float | None) -> list[dict[str, Any]]:
+    out = []
+    ours = [r for r in served if r["server"] == "ours" and r["input"] == "digits"]
+    stock_rows = [r for r in served if r["server"] == "stock" and r["input"] == "digits"]
+    compared = [r for r in ours if r["vs_stock"] is not None]
+    if compared:
+        best = max(compared, key=lambda r: r["vs_stock"])
+        errors = sum(r["errors"] for r in ours + stock_rows)
+        out.append({"target": "best variant >= 10x stock req/s on digits, same concurrency, 0 errors",
+                    "measured": f"{best['vs_stock']:.2f}x ({best['variant']} {best['rps']:.1f} vs stock "
+                                f"{best['rps'] / best['vs_stock']:.1f} req/s at c{best['concurrency']}); "
+                                f"{errors} errors in all runs",
+                    "met": best["vs_stock"] >= 10 and errors == 0, "value": best["vs_stock"]})
+    if ours:
+        peak: dict[str, dict[str, Any]] = {}
+        for r in ours:
+            if r["vs_inprocess"] is not None and r["rps"] > peak.get(r["variant"], {}).get("rps", -1):
+                peak[r["variant"]] = r
+        if peak:
+            top = max(peak.values(), key=lambda r: r["rps"])
+            worst = min(peak.values(), key=lambda r: r["vs_inprocess"])
+            out.append({"target": "served / in-process >= 0.8 (same variant and batch, decode included)",
+                        "measured": f"{top['vs_inprocess']:.2f} for the fastest ({top['variant']}, batch "
+                                    f"{top['batch_size']}); lowest {worst['vs_inprocess']:.2f} ({worst['variant']})",
+                        "met": top["vs_inprocess"] >= 0.8, "value": top["vs_inprocess"]})
+    if l70:
+        out.append({"target": "p99 <= 2x p50 at 70% of max throughput",
+                    "measured": f"p99/p50 = {l70['p99_over_p50']:.2f} ({l70['variant']} at "
+                                f"{100 * l70['fraction']:.0f}% of max, {l70['rps']:.1f} req/s)",
+                    "met": l70["p99_over_p50"] <= 2 and l70["errors"] == 0, "value": l70["p99_over_p50"]})
+    if startup_s is not None:
+        out.append({"target": "torchserve --start to first prediction <= 10 s (default model, CPU)",
+                    "measured": f"{startup_s:.2f} s", "met": startup_s <= 10, "value": startup_s})
+    return out
+
+

@@ -1,0 +1,189 @@
+"""Start and stop the real TorchServe (Java frontend + Python workers) on free loopback ports, privately.
+
+Each instance gets its own work directory: config.properties (the repo's, with loopback ports, gRPC ports and
+worker ports of its own), TMPDIR and java.io.tmpdir (pid file and worker sockets), logs, and key_file.json.
+So several instances, and parallel test runs, coexist on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from deploy.management import DeployError, Management
+from handlers.contract import KEY_FILE, KeyFileError, read_key
+from harness.api import ServerApi
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_DEATH = re.compile(r"Backend worker process died|Worker disconnected|WORKER_STOPPED|Load model failed")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(group: int) -> bool:
+    """Any live (non-zombie) process in process group `group`."""
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+class TorchServe:
+    """One TorchServe instance in its own work directory, configured from the repo's config.properties plus
+    `overrides`. `api` talks to it once started."""
+
+    def __init__(self, workdir: Path, model_store: Path, overrides: dict[str, str] | None = None,
+                 snapshot: bool = False, env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.env = env or {}  # extra environment for the frontend and, through it, the workers
+        self.model_store = Path(model_store)
+        self.snapshot = snapshot
+        self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+        tmp = self.workdir / "tmp"
+        props = read_properties(ROOT / "config.properties")
+        props.update({
+            "inference_address": f"http://127.0.0.1:{self.ports['inference']}",
+            "management_address": f"http://127.0.0.1:{self.ports['management']}",
+            "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
+            # gRPC (loopback by default) would take 7070/7071, and a second server failing to bind them stops itself.
+            "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+            # Worker sockets are numbered from 9000 (/tmp/.ts.sock.9000...): a private range as well as a private dir.
+            "initial_worker_port": str(20000 + free_port() % 30000),
+            "model_store": str(self.model_store),
+            "metrics_config": str(ROOT / "handlers" / "metrics.yaml"),
+            "vmargs": f"-Djava.io.tmpdir={tmp}",
+        })
+        props.update(overrides or {})
+        self.props = props
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._api: ServerApi | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self, wait_for: list[str] | None = None, timeout: float = 180) -> TorchServe:
+        """Launch, then wait until the management API answers and each model in `wait_for` has a READY worker."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in self.props.items()))
+        key_file = self.workdir / KEY_FILE
+        key_file.unlink(missing_ok=True)
+        # TorchServe's launcher keeps one pid file in TMPDIR and refuses to start a second server beside it;
+        # TEMP becomes Java's tmpdir, where the worker sockets live.
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
+               "METRICS_LOCATION": str(self.workdir / "logs"), "PYTHONPATH": "", **self.env}
+        config = "config.properties"
+        snapshots = sorted((self.workdir / "logs" / "config").glob("*-snapshot.cfg"))
+        if self.snapshot and snapshots:  # restore the last snapshot, as `torchserve --ts-config SNAPSHOT` does
+            config = str(snapshots[-1])
+        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground",
+               "--ts-config", config, "--model-store", str(self.model_store)]
+        if not self.snapshot:
+            cmd.append("--ncs")
+        self._api = None
+        with open(self.workdir / "stdout.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                keys = {api: read_key(key_file, api) for api in ("inference", "management")}
+                break
+            except KeyFileError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"TorchServe wrote no {KEY_FILE} in {timeout:.0f}s\n{self.log_tail()}") from None
+                time.sleep(0.2)
+        self._api = ServerApi({api: self.url(api) for api in self.ports}, keys)
+        self.wait(wait_for or [], deadline - time.monotonic())
+        return self
+
+    def wait(self, models: list[str], timeout: float = 180) -> None:
+        """Until the management API answers and each model has a READY worker (deploy's wait, which every
+        caller shares), failing at once with the log tail if the server process exits."""
+        mgmt = Management(self.url("management"), self.api.keys["management"], self.workdir / KEY_FILE)
+        try:
+            mgmt.wait(models, max(timeout, 1.0), alive=self.check_alive)
+        except DeployError as e:
+            raise TimeoutError(f"{e}\n{self.log_tail()}") from None
+        finally:
+            mgmt.session.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            group = self.proc.pid
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(group, signal.SIGTERM)
+                    self.proc.wait(timeout=30)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+            # The launcher exits before Java and the workers: wait for the whole group, so that a restart on the
+            # same work directory finds no server still running there.
+            deadline = time.monotonic() + 30
+            while group_alive(group) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if group_alive(group):
+                os.killpg(group, signal.SIGKILL)
+        self.proc = None
+        if self._api is not None:
+            self._api.close()
+            self._api = None
+
+    def __enter__(self) -> TorchServe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"TorchServe exited with {self.proc.returncode}\n{self.log_tail()}")
+
+    @property
+    def api(self) -> ServerApi:
+        if self._api is None:
+            raise RuntimeError(f"TorchServe in {self.workdir} is not started")
+        return self._api
+
+    def url(self, api: str, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.ports[api]}{path}"
+
+    # --- logs ------------------------------------------------------------------------------
+    def logs(self, name: str = "ts_log.log") -> str:
+        path = self.workdir / "logs" / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        parts = []
+        for name in ("ts_log.log", "model_log.log"):
+            text = self.logs(name).splitlines()[-lines:]
+            parts.append(f"--- tail of {name} ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def worker_deaths(self) -> list[str]:
+        return [line for line in self.logs().splitlines() if WORKER_DEATH.search(line)]
