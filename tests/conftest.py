@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,10 +16,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.torchserve import TorchServe  # noqa: E402
-from training import export, metadata, train  # noqa: E402
+from handlers.contract import ModelCard  # noqa: E402
+from harness.torchserve import TorchServe  # noqa: E402
+from training import export, train  # noqa: E402
 from training.data import Splits  # noqa: E402
 from training.evaluate import splits_for  # noqa: E402
+from training.package import read_manifest, write_manifest  # noqa: E402
+from training.technique import build  # noqa: E402
+from training.variants.pruned import PRUNED  # noqa: E402
 
 TINY_SIZE = 32  # resnet18 at 32x32 trains to ~97% on the digits in ~15 s on 2 cores
 TINY_ARGS = ["--input-size", str(TINY_SIZE), "--epochs", "3", "--no-progress"]
@@ -54,13 +60,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_meta(tiny_model: Path) -> dict:
-    return metadata.read(tiny_model)
+def tiny_card(tiny_model: Path) -> ModelCard:
+    return ModelCard.read(tiny_model)
 
 
 @pytest.fixture(scope="session")
-def tiny_splits(tiny_meta: dict) -> Splits:
-    return splits_for(tiny_meta)
+def tiny_splits(tiny_card: ModelCard) -> Splits:
+    return splits_for(tiny_card)
+
+
+@pytest.fixture(scope="session")
+def pruned_parent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the tiny model with its structured-pruned variant (40% of channels, one fine-tune epoch),
+    made through the technique interface as training.optimize makes it."""
+    parent = tmp_path_factory.mktemp("optimize") / "parent"
+    shutil.copytree(tiny_model, parent)
+    args = argparse.Namespace(prune_ratio=0.4, prune_epochs=1, prune_lr=1e-3, seed=0, progress=False)
+    build(parent, PRUNED, args)
+    return parent
 
 
 def build_mar(model_dir: Path, store: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -77,6 +94,16 @@ def model_store(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     store = tmp_path_factory.mktemp("model_store")
     build_mar(tiny_model, store)
     return store
+
+
+def copy_store(src: Path, dest: Path, *names: str) -> Path:
+    """A private model store holding only `names` (with their manifest entries) from src."""
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(src)
+    for name in names:
+        shutil.copy(src / name, dest / name)
+    write_manifest(dest, {n: manifest[n] for n in names})
+    return dest
 
 
 @contextlib.contextmanager

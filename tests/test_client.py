@@ -23,8 +23,8 @@ from deploy.client import (
     ServerBusy,
     ServerUnavailable,
 )
+from harness.torchserve import TorchServe, free_port
 from tests.conftest import serve
-from tests.torchserve import TorchServe, free_port
 from training import golden
 
 pytestmark = pytest.mark.server
@@ -45,7 +45,7 @@ def images(model_store: Path) -> list[tuple[bytes, str]]:
 
 
 def client(ts: TorchServe, **kwargs: object) -> InferenceClient:
-    kwargs.setdefault("token", ts.keys()["inference"])
+    kwargs.setdefault("token", ts.api.keys["inference"])
     return InferenceClient(ts.url("inference"), **kwargs)  # type: ignore[arg-type]
 
 
@@ -67,10 +67,12 @@ def settled_count(ts: TorchServe, path: str, status: int, expected: int, timeout
 
 def test_predict_typed_results_default_and_version(ts: TorchServe, images: list[tuple[bytes, str]]) -> None:
     with client(ts) as c:
+        started = time.perf_counter()
         pred = c.predict(images[0][0])
+        wall_ms = (time.perf_counter() - started) * 1000
         assert isinstance(pred, Prediction)
         assert (pred.model, pred.version, pred.attempts) == ("digits", "1.0", 1)
-        assert pred.label in pred.probabilities and pred.latency_ms > 0
+        assert pred.label in pred.probabilities and 0 < pred.latency_ms <= wall_ms
         assert c.predict(images[0][0], version="1.0").label == pred.label
         with pytest.raises(ClientError) as missing:
             c.predict(images[0][0], version="9.9")
@@ -90,7 +92,7 @@ def test_predict_typed_results_default_and_version(ts: TorchServe, images: list[
 
 
 def test_token_missing_or_wrong_is_a_typed_error(ts: TorchServe, images: list[tuple[bytes, str]]) -> None:
-    for token in (None, "not-the-key", ts.keys()["management"]):
+    for token in (None, "not-the-key", ts.api.keys["management"]):
         with client(ts, token=token, retries=3) as c, pytest.raises(AuthError) as err:
             c.predict(images[0][0])
         assert err.value.status in (400, 401) and err.value.attempts == 1
@@ -125,17 +127,12 @@ def test_connection_refused_is_retried_then_typed() -> None:
     assert err.value.attempts == 3 and time.monotonic() - started < 10
 
 
-def scale(ts: TorchServe, workers: int) -> None:
-    r = ts.manage("PUT", "/models/digits", params={"min_worker": workers, "max_worker": workers,
-                                                    "synchronous": "true"}, timeout=180)
-    assert r.ok, r.text
-
-
 def test_retry_on_503_until_a_worker_is_back(ts: TorchServe, images: list[tuple[bytes, str]]) -> None:
     """With no worker the real frontend answers 503; the client retries with backoff and succeeds once a
     worker is back, and gives ServerBusy (with the server's message) when retries run out."""
     path = "/predictions/digits"
-    scale(ts, 0)
+    workers = len(ts.api.worker_pids("digits"))
+    ts.api.scale("digits", 0)
     try:
         before = served(ts, path, 503)
         with client(ts, retries=2, backoff=0.05) as c, pytest.raises(ServerBusy) as err:
@@ -156,10 +153,10 @@ def test_retry_on_503_until_a_worker_is_back(ts: TorchServe, images: list[tuple[
         worker = threading.Thread(target=call)
         worker.start()
         time.sleep(1.0)  # let it meet a few 503s first
-        scale(ts, 1)
+        ts.api.scale("digits", workers)
         worker.join(timeout=120)
     finally:
-        scale(ts, 1)
+        ts.api.scale("digits", workers)
     pred = result.get("pred")
     assert isinstance(pred, Prediction), result
     assert pred.attempts > 1 and pred.version == "1.0"

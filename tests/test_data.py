@@ -8,7 +8,8 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-from training.data import DataSpec, DigitImages, _split_indices, load_splits, render_digits
+from handlers.contract import DataSpec
+from training.data import DigitImages, _split_indices, load_splits, render_digits
 
 
 def labels_of(ds) -> list[int]:
@@ -16,9 +17,9 @@ def labels_of(ds) -> list[int]:
 
 
 def test_digits_splits_are_seeded_stratified_and_disjoint() -> None:
-    a = load_splits(DataSpec("digits", 16, seed=3))
-    b = load_splits(DataSpec("digits", 16, seed=3))
-    c = load_splits(DataSpec("digits", 16, seed=4))
+    a = load_splits(DataSpec("digits", seed=3), 16)
+    b = load_splits(DataSpec("digits", seed=3), 16)
+    c = load_splits(DataSpec("digits", seed=4), 16)
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert a.sizes == {"train": 1257, "val": 270, "test": 270}
     assert a.labels == [str(i) for i in range(10)]
@@ -31,7 +32,7 @@ def test_digits_splits_are_seeded_stratified_and_disjoint() -> None:
         counts = Counter(labels_of(split))
         expected = {k: overall[k] * len(split) / 1797 for k in range(10)}
         assert all(abs(counts[k] - expected[k]) <= 1.0 for k in range(10)), (counts, expected)
-    tr, va, te = _split_indices(np.repeat(np.arange(10), 50), DataSpec("digits", 16, seed=3))
+    tr, va, te = _split_indices(np.repeat(np.arange(10), 50), DataSpec("digits", seed=3))
     assert not (set(tr) & set(va)) and not (set(tr) & set(te)) and not (set(va) & set(te))
     assert len(tr) + len(va) + len(te) == 500
 
@@ -46,7 +47,7 @@ def test_render_digits_is_rgb_uint8_at_input_size() -> None:
 
 
 def write_imagefolder(root: Path, per_class: int = 12) -> None:
-    digits = load_splits(DataSpec("digits", 24)).train
+    digits = load_splits(DataSpec("digits"), 24).train
     seen: Counter[int] = Counter()
     for i in range(len(digits)):
         image, label = digits[i]
@@ -59,7 +60,7 @@ def write_imagefolder(root: Path, per_class: int = 12) -> None:
 
 def test_imagefolder_is_loaded_resized_and_split(tmp_path: Path) -> None:
     write_imagefolder(tmp_path)
-    splits = load_splits(DataSpec(str(tmp_path), 32, seed=0, val_fraction=0.25, test_fraction=0.25))
+    splits = load_splits(DataSpec(str(tmp_path), seed=0, val_fraction=0.25, test_fraction=0.25), 32)
     assert splits.labels == ["class_0", "class_1", "class_2"]
     assert sum(splits.sizes.values()) == 36
     image, label = splits.test[0]
@@ -68,19 +69,21 @@ def test_imagefolder_is_loaded_resized_and_split(tmp_path: Path) -> None:
     # the fingerprint follows the content: change one file and it changes
     first = next(tmp_path.rglob("*.png"))
     first.write_bytes(encode_png(torch.zeros(3, 24, 24, dtype=torch.uint8)).numpy().tobytes())
-    assert load_splits(splits.spec).fingerprint != splits.fingerprint
+    assert load_splits(splits.spec, 32).fingerprint != splits.fingerprint
 
 
 def test_bad_data_dirs_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_splits(DataSpec(str(tmp_path / "missing"), 32))
+        load_splits(DataSpec(str(tmp_path / "missing")), 32)
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "a.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="not an ImageFolder"):
-        load_splits(DataSpec(str(tmp_path), 32))
+        load_splits(DataSpec(str(tmp_path)), 32)
 
 
 def test_digits_split_is_independent_of_input_size() -> None:
-    small = load_splits(DataSpec("digits", 16))
-    large = load_splits(DataSpec("digits", 48))
+    small = load_splits(DataSpec("digits"), 16)
+    large = load_splits(DataSpec("digits"), 48)
     assert np.array_equal(small.test.labels.numpy(), large.test.labels.numpy())
+    assert small.fingerprint == large.fingerprint
+    assert small.test[0][0].shape == (3, 16, 16) and large.test[0][0].shape == (3, 48, 48)

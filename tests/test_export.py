@@ -8,14 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from handlers.contract import STATE_DICT_FILE, TORCHSCRIPT_FILE, ModelCard
 from handlers.loading import build_model, load_state_dict
 from tests.conftest import ROOT
-from training import export, metadata
+from training import export
 
 
-def test_export_records_parity_within_tolerance(tiny_meta: dict) -> None:
-    parity = tiny_meta["export"]["parity"]
-    assert tiny_meta["format"] == "torchscript" and tiny_meta["artifact"] == metadata.TORCHSCRIPT_FILE
+def test_export_records_parity_within_tolerance(tiny_card: ModelCard) -> None:
+    assert tiny_card.export is not None
+    parity = tiny_card.export["parity"]
+    assert tiny_card.runtime == "torchscript" and tiny_card.artifact == TORCHSCRIPT_FILE
+    assert tiny_card.checkpoint == STATE_DICT_FILE  # the float weights stay beside the export
     assert parity["images"] == 270 and parity["top1_agreement"] == 1.0
     assert parity["max_abs_diff"] <= parity["atol"]
 
@@ -37,16 +40,16 @@ def test_torchscript_loads_without_the_python_model_class(tiny_model: Path, tiny
     assert result.stdout.strip() == "(1, 10)"
 
 
-def test_parity_check_fails_loudly_on_a_mismatch(tiny_model: Path, tiny_meta: dict, tiny_splits) -> None:
-    eager = build_model(tiny_meta["architecture"], tiny_meta["num_classes"])
-    eager.load_state_dict(load_state_dict(tiny_model / tiny_meta["checkpoint"]))
+def test_parity_check_fails_loudly_on_a_mismatch(tiny_model: Path, tiny_card: ModelCard, tiny_splits) -> None:
+    eager = build_model(tiny_card.architecture, tiny_card.num_classes)
+    eager.load_state_dict(load_state_dict(tiny_model / STATE_DICT_FILE))
     eager.eval()
-    exported = export.to_torchscript(eager, tiny_meta["input_size"])
+    exported = export.to_torchscript(eager, tiny_card.input.image_size)
     changed = copy.deepcopy(eager)  # frozen TorchScript may share storage with `eager`: change a copy
     with torch.no_grad():
         changed.fc.bias += 0.5
     with pytest.raises(export.ParityError, match="does not match eager"):
-        export.check_parity(changed, exported, tiny_splits.test, tiny_meta)
+        export.check_parity(changed, exported, tiny_splits.test, tiny_card)
 
 
 def test_export_cli_names_the_missing_checkpoint(tmp_path: Path) -> None:

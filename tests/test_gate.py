@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import argparse
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from handlers.contract import ModelCard
+from harness.context import unpack_mar
 from tests.conftest import ROOT, build_mar
-from training import gate, metadata, prune, quantize, variant
+from training import gate
+from training.package import read_manifest
+from training.technique import build, variant_dir
+from training.variants.int8 import INT8
+from training.variants.sparse import SPARSE
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +31,21 @@ def parent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def too_sparse(parent: Path) -> Path:
     """Pruned far too hard: 95% of the weights zeroed, no fine-tune."""
-    parent_meta, model = variant.load_parent(parent)
-    prune.make(parent, parent_meta, model, sparsity=0.95, name="sparse95")
-    return variant.variant_dir(parent, "sparse95")
+    build(parent, SPARSE, argparse.Namespace(sparsity=0.95, seed=0, progress=False), name="sparse95")
+    return variant_dir(parent, "sparse95")
 
 
 @pytest.fixture(scope="module")
 def int8(parent: Path) -> Path:
-    parent_meta, model = variant.load_parent(parent)
-    quantize.make(parent, parent_meta, model, "static", calibration_images=128)
-    return variant.variant_dir(parent, "int8")
+    args = argparse.Namespace(calibration_images=128, int8_backend="x86", seed=0, progress=False)
+    build(parent, INT8, args)
+    return variant_dir(parent, "int8")
 
 
 def figures(model_dir: Path) -> tuple[str, str]:
-    meta = metadata.read(model_dir)
-    return f"{100 * meta['metrics']['test']['top1']:.2f}%", f"{100 * meta['parent']['metrics']['test']['top1']:.2f}%"
+    card = ModelCard.read(model_dir)
+    assert card.parent is not None
+    return f"{100 * card.test.top1:.2f}%", f"{100 * card.parent.test.top1:.2f}%"
 
 
 def test_gate_refuses_a_variant_over_budget(too_sparse: Path, tmp_path: Path) -> None:
@@ -67,24 +72,19 @@ def test_gate_budget_is_configurable(too_sparse: Path) -> None:
 
 def test_gate_accepts_int8_within_budget_and_packages_it_cpu_only(int8: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    meta = metadata.read(int8)
-    passed, verdict = gate.check(meta, 0.5)
+    card = ModelCard.read(int8)
+    passed, verdict = gate.check(card, 0.5)
     assert passed, verdict
     result = build_mar(int8, store, "--name", "digits_int8")
     assert "accuracy gate passed" in result.stdout
     assert "CPU-only, packaged with deviceType: cpu" in result.stderr
     assert "deviceType cpu" in result.stdout
     mar = store / "digits_int8.mar"
-    with zipfile.ZipFile(mar) as z:
-        packed = json.loads(z.read("metadata.json"))
-        config = yaml.safe_load(z.read("model-config.yaml"))
+    unpacked = unpack_mar(mar, tmp_path / "unpacked")
+    config = yaml.safe_load((unpacked / "model-config.yaml").read_text())
     assert config["deviceType"] == "cpu"
-    assert packed["variant"] == "int8" and packed["cpu_only"] is True
-    assert packed["metrics"]["test"] == meta["metrics"]["test"]
-    assert packed["recipe"]["technique"] == "static_int8_quantization"
-    assert packed["parent"]["sha256"] == meta["parent"]["sha256"]
-    manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["digits_int8.mar"]["variant"] == "int8"
+    assert ModelCard.read(unpacked) == card  # the card travels into the archive unchanged
+    assert read_manifest(store)["digits_int8.mar"]["variant"] == "int8"
 
 
 def test_int8_cannot_be_forced_onto_gpu(int8: Path, tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
 """Reliability of the real TorchServe under load and faults: soak, kill -9 of a worker, backpressure, frontend
 restart from a snapshot, hostile input mixed into load. Every loop is bounded in count and time; loopback only.
 
-    PYTHONPATH=. .venv/bin/python -m pytest tests/test_reliability.py                       # CI form: 2-minute soak
-    PYTHONPATH=. .venv/bin/python -m pytest tests/test_reliability.py --soak-seconds 600 \\
-        --figures-out docs/reliability.json                                               # longer, figures as JSON
+    bash tests/run.sh --tier slow tests/test_reliability.py                          # CI form: 2-minute soak
+    bash tests/run.sh --tier slow tests/test_reliability.py --soak-seconds 600 \\
+        --figures-out docs/reliability.json                                        # longer, figures as JSON
+
+The targets (recovery <= 15 s, ...) are figures for docs/reliability.md; the assertions here are sanity limits
+(3x the target) so that a loaded machine does not fail a service that works.
 """
 
 from __future__ import annotations
@@ -25,40 +28,40 @@ import yaml
 from torchvision.io import encode_png
 
 from deploy.client import InferenceClient, PredictionError
+from harness.correctness_load import Outcome, Poster, drive
+from harness.torchserve import TorchServe, read_properties
 from tests.bad_inputs import corpus
-from tests.conftest import ROOT, build_mar, serve
-from tests.load import Outcome, Poster, drive
-from tests.test_security import copy_store, wait_management
-from tests.torchserve import TorchServe, read_properties
+from tests.conftest import ROOT, build_mar, copy_store, serve
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 RAMP_S = 10          # closed loop, to measure the most the server sustains here and now
 WARMUP_S = 15        # at the soak rate, before the memory baseline is taken
 LOAD_SHARE = 0.8     # the soak holds this share of the measured maximum
 RSS_GROWTH_MAX = 0.05
-RECOVERY_MAX_S = 15
+RECOVERY_TARGET_S = 15
+RECOVERY_LIMIT_S = 3 * RECOVERY_TARGET_S  # sanity limit on a shared machine; the figure is reported
 HOSTILE_S = 20
 HOSTILE_EVERY = 4    # one request in four is from the bad-input corpus
-FIGURES: dict[str, object] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
-    """The measured figures, written as JSON with --figures-out (docs/reliability.md quotes them)."""
-    yield FIGURES
-    out = request.config.getoption("--figures-out")
-    if out and FIGURES:
-        out = Path(out)
-        old = json.loads(out.read_text()) if out.is_file() else {}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**old, **FIGURES}, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture(scope="module")
-def images(tiny_splits, tiny_meta: dict) -> list[tuple[bytes, str]]:
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
+    """The measured figures, written as JSON with --figures-out (docs/reliability.md quotes them)."""
+    found: dict[str, object] = {}
+    yield found
+    out = request.config.getoption("--figures-out")
+    if out and found:
+        out = Path(out)
+        old = json.loads(out.read_text()) if out.is_file() else {}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**old, **found}, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture(scope="module")
+def images(tiny_splits, tiny_card) -> list[tuple[bytes, str]]:
     """(PNG, true label) for 32 held-out digits."""
-    return [(encode_png(tiny_splits.test[i][0]).numpy().tobytes(), tiny_meta["labels"][tiny_splits.test[i][1]])
+    return [(encode_png(tiny_splits.test[i][0]).numpy().tobytes(), tiny_card.labels[tiny_splits.test[i][1]])
             for i in range(32)]
 
 
@@ -77,7 +80,7 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[To
 @pytest.fixture(scope="module")
 def reference(server: TorchServe, images: list[tuple[bytes, str]]) -> list[dict]:
     """Each image's response with nothing else going on: what every later answer must equal."""
-    responses = [server.predict("digits", png) for png, _ in images]
+    responses = [server.api.predict("digits", png) for png, _ in images]
     assert all(r.status_code == 200 for r in responses), responses[0].text
     bodies = [r.json() for r in responses]
     assert sum(b["label"] == label for b, (_, label) in zip(bodies, images, strict=True)) >= 0.9 * len(images)
@@ -100,31 +103,33 @@ def good_sender(poster: Poster, images: list[tuple[bytes, str]], reference: list
     return send
 
 
-def max_rps(server: TorchServe, images: list[tuple[bytes, str]], reference: list[dict]) -> float:
-    if "max_rps" not in FIGURES:
-        poster = Poster(server.url("inference"), server.keys()["inference"])
-        ramp = drive(good_sender(poster, images, reference), RAMP_S, concurrency=8)
-        assert not ramp.errors(), ramp.errors()[:3]
-        FIGURES["max_rps"] = round(ramp.rps, 1)
-        cfg = yaml.safe_load((ROOT / "handlers" / "model-config.yaml").read_text())
-        FIGURES["max_rps_command"] = (f"closed loop, 8 threads, tiny resnet18 @ 32 px, {cfg['minWorkers']} worker(s), "
-                                      f"batch {cfg['batchSize']} / {cfg['maxBatchDelay']} ms")
-    return float(FIGURES["max_rps"])  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def max_rps(server: TorchServe, images: list[tuple[bytes, str]], reference: list[dict],
+            figures: dict[str, object]) -> float:
+    """The most the server sustains here and now: a closed loop of correct answers."""
+    poster = Poster(server.url("inference"), server.api.keys["inference"])
+    ramp = drive(good_sender(poster, images, reference), RAMP_S, concurrency=8)
+    assert not ramp.errors(), ramp.errors()[:3]
+    cfg = yaml.safe_load((ROOT / "handlers" / "model-config.yaml").read_text())
+    figures["max_rps"] = round(ramp.rps, 1)
+    figures["max_rps_command"] = (f"closed loop, 8 threads, tiny resnet18 @ 32 px, {cfg['minWorkers']} worker(s), "
+                                  f"batch {cfg['batchSize']} / {cfg['maxBatchDelay']} ms")
+    return ramp.rps
 
 
 def worker_rss(server: TorchServe) -> int:
     """All of the model's workers together (the shipped config may run several)."""
-    return sum(psutil.Process(pid).memory_info().rss for pid in server.worker_pids("digits"))
+    return sum(psutil.Process(pid).memory_info().rss for pid in server.api.worker_pids("digits"))
 
 
-def test_soak_at_80_percent_of_max_has_zero_errors_and_flat_worker_memory(server, images, reference,
-                                                                           request) -> None:
+def test_soak_at_80_percent_of_max_has_zero_errors_and_flat_worker_memory(server, images, reference, max_rps,
+                                                                           figures, request) -> None:
     soak_s = float(request.config.getoption("--soak-seconds"))
-    rate = LOAD_SHARE * max_rps(server, images, reference)
-    poster = Poster(server.url("inference"), server.keys()["inference"])
+    rate = LOAD_SHARE * max_rps
+    poster = Poster(server.url("inference"), server.api.keys["inference"])
     send = good_sender(poster, images, reference)
     warm = drive(send, WARMUP_S, concurrency=8, rate=rate)
-    pids = server.worker_pids("digits")
+    pids = server.api.worker_pids("digits")
     baseline = worker_rss(server)
     samples: list[int] = []
     done = threading.Event()
@@ -147,24 +152,24 @@ def test_soak_at_80_percent_of_max_has_zero_errors_and_flat_worker_memory(server
     growth = max(samples) / baseline - 1
     java_after = sum(p.memory_info().rss for p in frontend.children(recursive=True) if "java" in p.name()) \
         if frontend else 0
-    FIGURES["soak"] = {**soak.summary(), "warmup": warm.summary(), "load_share": LOAD_SHARE,
+    figures["soak"] = {**soak.summary(), "warmup": warm.summary(), "load_share": LOAD_SHARE,
                        "workers": len(pids), "worker_rss_mb_after_warmup": round(baseline / 2**20, 1),
                        "worker_rss_mb_max": round(max(samples) / 2**20, 1),
                        "worker_rss_growth_pct": round(100 * growth, 2),
                        "frontend_rss_mb": [round(java_before / 2**20, 1), round(java_after / 2**20, 1)]}
     assert not warm.errors() and not soak.errors(), (warm.errors() + soak.errors())[:3]
     assert len(soak.outcomes) >= 0.5 * rate * soak_s, f"the driver fell far behind: {soak.summary()}"
-    assert growth <= RSS_GROWTH_MAX, f"worker RSS grew {100 * growth:.1f}% after warm-up: {FIGURES['soak']}"
-    assert server.worker_pids("digits") == pids and not server.worker_deaths()
+    assert growth <= RSS_GROWTH_MAX, f"worker RSS grew {100 * growth:.1f}% after warm-up: {figures['soak']}"
+    assert server.api.worker_pids("digits") == pids and not server.worker_deaths()
 
 
-def test_hostile_inputs_mixed_into_load_change_nothing_for_good_requests(server, images, reference,
-                                                                         tiny_splits, tiny_meta) -> None:
-    rate = LOAD_SHARE * max_rps(server, images, reference)
-    pid = server.worker_pids("digits")
+def test_hostile_inputs_mixed_into_load_change_nothing_for_good_requests(server, images, reference, max_rps, figures,
+                                                                         tiny_splits, tiny_card) -> None:
+    rate = LOAD_SHARE * max_rps
+    pid = server.api.worker_pids("digits")
     frontend_limit = int(server.props["max_request_size"])
-    bad = corpus(tiny_splits.test[0][0], tiny_meta["input_size"], frontend_limit)
-    poster = Poster(server.url("inference"), server.keys()["inference"])
+    bad = corpus(tiny_splits.test[0][0], tiny_card.input.image_size, frontend_limit)
+    poster = Poster(server.url("inference"), server.api.keys["inference"])
     good = good_sender(poster, images, reference)
     bad_items = cycle(bad)
     lock = threading.Lock()
@@ -183,18 +188,19 @@ def test_hostile_inputs_mixed_into_load_change_nothing_for_good_requests(server,
 
     run = drive(send, HOSTILE_S, concurrency=8, rate=rate, max_requests=int(rate * HOSTILE_S) + 1)
     hostile = [o for o in run.outcomes if o.kind != "good"]
-    FIGURES["hostile"] = {**run.summary(), "bad_requests": len(hostile), "bad_kinds": len(bad),
+    figures["hostile"] = {**run.summary(), "bad_requests": len(hostile), "bad_kinds": len(bad),
                           "bad_by_kind": dict(Counter(o.kind for o in hostile)),
                           "good_requests": len(run.outcomes) - len(hostile)}
     assert not run.errors("good"), f"good requests changed: {run.errors('good')[:3]}"
     assert not run.errors(), f"a bad input got the wrong answer: {run.errors()[:3]}"
     assert {o.kind for o in hostile} == {b.name for b in bad}, "not every bad input was tried"
-    assert server.worker_pids("digits") == pid and not server.worker_deaths()
+    assert server.api.worker_pids("digits") == pid and not server.worker_deaths()
 
 
-def test_kill_9_of_a_worker_recovers_and_the_production_client_loses_nothing(server, images, reference) -> None:
-    rate = 0.5 * max_rps(server, images, reference)
-    client = InferenceClient(server.url("inference"), server.keys()["inference"], model="digits",
+def test_kill_9_of_a_worker_recovers_and_the_production_client_loses_nothing(server, images, reference, max_rps,
+                                                                             figures) -> None:
+    rate = 0.5 * max_rps
+    client = InferenceClient(server.url("inference"), server.api.keys["inference"], model="digits",
                              timeout=(3.0, 60.0))  # the production retry policy, unchanged
     stop = threading.Event()
 
@@ -218,20 +224,20 @@ def test_kill_9_of_a_worker_recovers_and_the_production_client_loses_nothing(ser
     loader.start()
     try:
         time.sleep(3)
-        old = server.worker_pids("digits")
+        old = server.api.worker_pids("digits")
         assert old, "no worker to kill"
         killed_at = time.monotonic()
         for pid in old:  # every worker of the model at once: nothing is left to answer until one restarts
             os.kill(pid, signal.SIGKILL)
         ready_s = None
         while time.monotonic() - killed_at < 60:
-            workers = [w for m in server.describe("digits") for w in m.get("workers", [])]
+            workers = [w for m in server.api.describe("digits") for w in m.get("workers", [])]
             if any(w.get("status") == "READY" and w.get("pid") and int(w["pid"]) not in old for w in workers):
                 ready_s = time.monotonic() - killed_at
                 break
             time.sleep(0.1)
         assert ready_s is not None, f"no new READY worker 60 s after kill -9\n{server.log_tail()}"
-        probe = server.predict("digits", images[0][0])
+        probe = server.api.predict("digits", images[0][0])
         recovered_s = time.monotonic() - killed_at
         assert probe.status_code == 200, probe.text
         time.sleep(5)  # keep the load on the recovered worker a little
@@ -242,13 +248,14 @@ def test_kill_9_of_a_worker_recovers_and_the_production_client_loses_nothing(ser
     run = result["run"]
     assert hasattr(run, "outcomes")
     attempts = Counter(int(o.detail.rsplit(" ", 1)[1]) for o in run.outcomes if o.ok)  # type: ignore[union-attr]
-    FIGURES["worker_kill"] = {**run.summary(), "worker_ready_s": round(ready_s, 2),  # type: ignore[union-attr]
+    figures["worker_kill"] = {**run.summary(), "worker_ready_s": round(ready_s, 2),  # type: ignore[union-attr]
                               "recovered_s": round(recovered_s, 2), "lost": len(run.errors()),  # type: ignore
                               "attempts": dict(attempts), "workers_killed": len(old),
-                              "new_pids_differ": not set(server.worker_pids("digits")) & set(old)}
+                              "new_pids_differ": not set(server.api.worker_pids("digits")) & set(old),
+                              "target_s": RECOVERY_TARGET_S}
     assert not run.errors(), f"requests lost: {run.errors()[:3]}"  # type: ignore[union-attr]
-    assert recovered_s <= RECOVERY_MAX_S, f"recovery took {recovered_s:.1f}s\n{server.log_tail()}"
-    assert not set(server.worker_pids("digits")) & set(old)
+    assert recovered_s <= RECOVERY_LIMIT_S, f"recovery took {recovered_s:.1f}s\n{server.log_tail()}"
+    assert not set(server.api.worker_pids("digits")) & set(old)
 
 
 @pytest.fixture(scope="module")
@@ -258,14 +265,14 @@ def big_png(tiny_splits) -> bytes:
     return encode_png(image).numpy().tobytes()
 
 
-def test_a_burst_over_the_job_queue_gets_503_and_the_service_recovers(store: Path, big_png: bytes,
+def test_a_burst_over_the_job_queue_gets_503_and_the_service_recovers(store: Path, big_png: bytes, figures,
                                                                        tmp_path: Path) -> None:
     queue = 2
     burst = 48
     with serve(store, tmp_path / "ts", ["digits"], {"job_queue_size": str(queue)}) as ts:
-        pid = ts.worker_pids("digits")
-        expected = ts.predict("digits", big_png).json()
-        poster = Poster(ts.url("inference"), ts.keys()["inference"])
+        pid = ts.api.worker_pids("digits")
+        expected = ts.api.predict("digits", big_png).json()
+        poster = Poster(ts.url("inference"), ts.api.keys["inference"])
         barrier = threading.Barrier(burst)
 
         def send(i: int) -> Outcome:
@@ -277,40 +284,37 @@ def test_a_burst_over_the_job_queue_gets_503_and_the_service_recovers(store: Pat
         run = drive(send, 60, concurrency=burst, max_requests=burst)
         statuses = Counter(o.status for o in run.outcomes)
         busy = [o.detail for o in run.outcomes if o.status == 503]
-        after = [ts.predict("digits", big_png) for _ in range(10)]
-        FIGURES["backpressure"] = {"job_queue_size": queue, "burst": burst, "statuses": dict(statuses),
+        after = [ts.api.predict("digits", big_png) for _ in range(10)]
+        figures["backpressure"] = {"job_queue_size": queue, "burst": burst, "statuses": dict(statuses),
                                    "message_503": json.loads(busy[0])["message"] if busy else None,
                                    "after_burst_ok": sum(r.status_code == 200 for r in after)}
         assert not run.errors(), f"neither a correct 200 nor a 503 with a message: {run.errors()[:3]}"
         assert statuses[503] >= 1, f"a burst of {burst} never overflowed a queue of {queue}: {statuses}"
         assert statuses[200] >= 1, statuses
         assert all(r.status_code == 200 and same_answer(r.json(), expected) for r in after), after[0].text
-        assert ts.worker_pids("digits") == pid and not ts.worker_deaths()
+        assert ts.api.worker_pids("digits") == pid and not ts.worker_deaths()
 
 
-def test_frontend_restart_restores_versions_default_and_predictions(model_store: Path, tiny_model: Path,
+def test_frontend_restart_restores_versions_default_and_predictions(model_store: Path, tiny_model: Path, figures,
                                                                     images, tmp_path: Path) -> None:
     store = copy_store(model_store, tmp_path / "store", "digits.mar")
     build_mar(tiny_model, store, "--version", "2.0", "--archive", "digits-2.0")
     operator = read_properties(ROOT / "deploy" / "operator.properties")
     overrides = {k: operator[k] for k in ("enable_model_api", "load_models", "allowed_urls")}
     with serve(store, tmp_path / "ts", [], overrides, snapshot=True) as ts:
-        wait_management(ts)
         for archive in ("digits.mar", "digits-2.0.mar"):
-            r = ts.manage("POST", "/models", params={"url": archive, "initial_workers": 1, "synchronous": "true"},
-                          timeout=300)
-            assert r.status_code == 200, r.text
-        assert ts.manage("PUT", "/models/digits/2.0/set-default").status_code == 200
+            ts.api.register(archive)
+        assert ts.api.manage("PUT", "/models/digits/2.0/set-default").status_code == 200
 
         def state() -> tuple[list[str], str]:
-            return (sorted(str(v["modelVersion"]) for v in ts.describe("digits", "all")),
-                    str(ts.describe("digits")[0]["modelVersion"]))
+            return (sorted(str(v["modelVersion"]) for v in ts.api.describe("digits", "all")),
+                    str(ts.api.describe("digits")[0]["modelVersion"]))
 
         def answers() -> list[dict]:
             out = []
             for version in (None, "1.0", "2.0"):  # one at a time: batches of one, bit-exact answers
                 for png, _ in images[:16]:
-                    r = ts.predict("digits", png, version=version)
+                    r = ts.api.predict("digits", png, version=version)
                     assert r.status_code == 200, r.text
                     out.append(r.json())
             return out
@@ -322,12 +326,12 @@ def test_frontend_restart_restores_versions_default_and_predictions(model_store:
         ts.start(wait_for=["digits"])
         deadline = time.monotonic() + 120
         while not all(any(w.get("status") == "READY" for w in v.get("workers", []))
-                      for v in ts.describe("digits", "all")):
+                      for v in ts.api.describe("digits", "all")):
             assert time.monotonic() < deadline, ts.log_tail()
             time.sleep(0.3)
         restart_s = time.monotonic() - started
         after_state, after = state(), answers()
-        FIGURES["restart"] = {"versions": after_state[0], "default": after_state[1], "restart_s": round(restart_s, 1),
+        figures["restart"] = {"versions": after_state[0], "default": after_state[1], "restart_s": round(restart_s, 1),
                               "identical_predictions": after == before, "predictions_compared": len(before)}
         assert after_state == before_state
         assert after == before

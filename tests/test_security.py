@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,37 +21,15 @@ import requests
 import torch
 from torchvision.io import encode_png
 
-from deploy.deploy import open_archive
+from deploy.store import open_archive
+from handlers.contract import KEY_FILE, ModelCard
 from handlers.loading import load_model, load_state_dict
-from tests.conftest import ROOT, serve
-from tests.torchserve import TorchServe, free_port, read_properties
-from training.package import MANIFEST
+from harness.torchserve import TorchServe, free_port, read_properties
+from tests.conftest import ROOT, copy_store, serve
+from training.package import read_manifest
 
 PROFILES = {"production": ROOT / "config.properties", "operator": ROOT / "deploy" / "operator.properties"}
 OPERATOR = read_properties(PROFILES["operator"])
-
-
-def copy_store(src: Path, dest: Path, *names: str) -> Path:
-    """A private model store holding only `names` (with their manifest entries) from src."""
-    dest.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((src / MANIFEST).read_text())
-    for name in names:
-        shutil.copy(src / name, dest / name)
-    (dest / MANIFEST).write_text(json.dumps({n: manifest[n] for n in names}))
-    return dest
-
-
-def wait_management(ts: TorchServe, timeout: float = 120) -> None:
-    """With nothing to load, key_file.json comes before the management port listens: wait for the port."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if ts.manage("GET", "/models", timeout=5).ok:
-                return
-        except requests.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +39,8 @@ def ts(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     keep = {"inference_address", "management_address", "metrics_address", "model_store", "metrics_config"}
     overrides = {k: v for k, v in OPERATOR.items() if k not in keep}
     with serve(store, tmp_path_factory.mktemp("ts_security"), [], overrides) as server:
-        wait_management(server)
-        r = server.manage("POST", "/models", params={"url": "digits.mar", "initial_workers": 1,
-                                                     "synchronous": "true"}, timeout=300)
-        assert r.status_code == 200, r.text
+        server.api.register("digits.mar")
+        server.wait(["digits"])
         yield server
 
 
@@ -75,7 +50,7 @@ def png(tiny_splits) -> bytes:
 
 
 def test_inference_and_management_refuse_requests_without_the_right_token(ts: TorchServe, png: bytes) -> None:
-    keys = ts.keys()
+    keys = ts.api.keys
     calls = {"inference": ("POST", ts.url("inference", "/predictions/digits"), {"data": png}),
              "management": ("GET", ts.url("management", "/models/digits"), {})}
     for api, (method, url, kw) in calls.items():
@@ -121,10 +96,10 @@ def test_registering_a_url_or_a_path_outside_model_store_is_refused(ts: TorchSer
     outside = tmp_path / "outside.mar"  # a valid archive, but not in the model store
     shutil.copy(ts.model_store / "digits.mar", outside)
     for url in (f"file://{outside}", "http://127.0.0.1:9/digits.mar", str(outside), "../outside.mar"):
-        r = ts.manage("POST", "/models", params={"url": url, "model_name": "intruder", "synchronous": "true"})
+        r = ts.api.manage("POST", "/models", params={"url": url, "model_name": "intruder", "synchronous": "true"})
         assert 400 <= r.status_code < 500, (url, r.status_code, r.text)
         assert r.json()["message"], r.text
-    assert ts.manage("GET", "/models").json()["models"] == [{"modelName": "digits", "modelUrl": "digits.mar"}]
+    assert ts.api.manage("GET", "/models").json()["models"] == [{"modelName": "digits", "modelUrl": "digits.mar"}]
 
 
 class Payload:
@@ -137,16 +112,15 @@ class Payload:
         return open, (self.marker, "w")
 
 
-def test_a_checkpoint_carrying_a_pickled_object_is_refused_with_a_clear_message(tiny_meta: dict,
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_with_a_clear_message(tiny_card: ModelCard,
                                                                                 tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "model.pth"
     torch.save({"fc.weight": torch.zeros(2, 2), "extra": Payload(marker)}, path)
-    with pytest.raises(ValueError, match=r"refusing to load .*model\.pth.*not a plain tensor state_dict"):
+    with pytest.raises(ValueError, match=r"refusing to load .*model\.pth.*carries pickled objects"):
         load_state_dict(path)
-    meta = {**tiny_meta, "format": "state_dict", "artifact": "model.pth"}
     with pytest.raises(ValueError, match="weights_only=True"):
-        load_model(tmp_path, meta)
+        load_model(tmp_path, tiny_card.replace(runtime="eager", artifact="model.pth"))
     assert not marker.exists(), "the payload ran"
     torch.load(path, weights_only=False).get("extra").close()  # the unsafe loader does run it: the test is real
     assert marker.exists()
@@ -155,10 +129,10 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_with_a_clear_message(
 def test_deploy_refuses_an_archive_whose_sha256_does_not_match_the_manifest(model_store: Path,
                                                                             tmp_path: Path) -> None:
     store = copy_store(model_store, tmp_path / "store", "digits.mar")
-    assert open_archive(store, "digits.mar").sha256  # the untouched archive passes
+    assert open_archive(store, "digits.mar").sha256 == read_manifest(store)["digits.mar"]["sha256"]  # untouched
     with open(store / "digits.mar", "ab") as f:
         f.write(b"\0")  # still a readable zip, but not the bytes build_mar.sh recorded
-    key_file = tmp_path / "key_file.json"
+    key_file = tmp_path / KEY_FILE
     key_file.write_text(json.dumps({"management": {"key": "k"}, "inference": {"key": "k"}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
     result = subprocess.run([sys.executable, "-m", "deploy.deploy", "--management", f"http://127.0.0.1:{free_port()}",
@@ -172,8 +146,8 @@ def test_deploy_refuses_an_archive_whose_sha256_does_not_match_the_manifest(mode
 def test_bodies_above_max_request_size_are_refused_with_413(ts: TorchServe, png: bytes) -> None:
     limit = int(ts.props["max_request_size"])
     assert limit == int(read_properties(PROFILES["production"])["max_request_size"])
-    r = ts.predict("digits", png + b"\0" * (limit - len(png) + 1))
+    r = ts.api.predict("digits", png + b"\0" * (limit - len(png) + 1))
     # The frontend (Netty) refuses before reading the body: status line only, no JSON body to parse.
     assert (r.status_code, r.reason) == (413, "Request Entity Too Large"), (r.status_code, r.reason, r.text[:300])
-    r = ts.predict("digits", png)  # the frontend and the worker are still fine
+    r = ts.api.predict("digits", png)  # the frontend and the worker are still fine
     assert r.status_code == 200, r.text

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 import yaml
 from torchvision.io import encode_jpeg, encode_png
 
+from handlers.contract import STATE_DICT_FILE, ModelCard
+from handlers.deprecations import known_deprecations
 from handlers.imaging import Normalizer, decode_image, resize_batch
-from handlers.loading import build_model, load_state_dict
+from handlers.loading import build_model, load_model, load_state_dict
+from harness.torchserve import TorchServe
 from tests.bad_inputs import corpus
 from tests.conftest import ROOT, build_mar, serve
-from tests.torchserve import TorchServe
+from training.evaluate import predict
+from training.technique import variant_dir
 
 pytestmark = pytest.mark.server
 
@@ -23,41 +30,58 @@ BATCH_MAX_BYTES = 1_000_000  # handler limit in the batching archive, below the 
 
 
 @pytest.fixture(scope="module")
-def store(model_store: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits.mar (default config) plus digits_batched.mar: batches of 8 with a long enough delay to form."""
+def pruned_eager(pruned_parent: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The structured-pruned variant served from its float state_dict (eager runtime), not its TorchScript."""
+    out = tmp_path_factory.mktemp("pruned_eager")
+    source = variant_dir(pruned_parent, "pruned")
+    card = ModelCard.read(source)
+    shutil.copy(source / STATE_DICT_FILE, out / STATE_DICT_FILE)
+    card.replace(name="digits_pruned", runtime="eager", artifact=STATE_DICT_FILE).write(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(model_store: Path, tiny_model: Path, pruned_eager: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits.mar (default config), digits_batched.mar (batches of 8 with a long enough delay to form), and
+    digits_pruned.mar (a structured-pruned state_dict)."""
     cfg = yaml.safe_load((ROOT / "handlers" / "model-config.yaml").read_text())
     cfg.update(batchSize=8, maxBatchDelay=200)
     cfg["handler"]["max_bytes"] = BATCH_MAX_BYTES
     path = tmp_path_factory.mktemp("cfg") / "batched.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    build_mar(tiny_model, model_store, "--name", "digits_batched", "--config", str(path), "--device", "cpu")
-    return model_store
+    store = tmp_path_factory.mktemp("serving_store")
+    for archive in ("digits.mar",):
+        shutil.copy(model_store / archive, store / archive)
+    build_mar(tiny_model, store, "--name", "digits_batched", "--config", str(path), "--device", "cpu")
+    # One fine-tune epoch costs the tiny pruned model a few points; this archive is about serving its state_dict.
+    build_mar(pruned_eager, store, "--device", "cpu", "--budget", "20")
+    return store
 
 
 @pytest.fixture(scope="module")
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
-    with serve(store, tmp_path_factory.mktemp("ts"), ["digits", "digits_batched"]) as ts:
+    with serve(store, tmp_path_factory.mktemp("ts"), ["digits", "digits_batched", "digits_pruned"]) as ts:
         yield ts
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_model: Path, tiny_meta: dict):
-    model = build_model(tiny_meta["architecture"], tiny_meta["num_classes"])
-    model.load_state_dict(load_state_dict(tiny_model / tiny_meta["checkpoint"]))
+def offline(tiny_model: Path, tiny_card: ModelCard):
+    model = build_model(tiny_card.architecture, tiny_card.num_classes)
+    model.load_state_dict(load_state_dict(tiny_model / STATE_DICT_FILE))
     model.eval()
-    normalize = Normalizer(tiny_meta["mean"], tiny_meta["std"])
+    normalize = Normalizer(tiny_card.input.mean, tiny_card.input.std)
 
     def predict(blobs: list[bytes]) -> list[str]:
-        batch = normalize(resize_batch([decode_image(b) for b in blobs], tiny_meta["input_size"]))
+        batch = normalize(resize_batch([decode_image(b) for b in blobs], tiny_card.input.image_size))
         with torch.inference_mode():
-            return [tiny_meta["labels"][i] for i in model(batch).argmax(1).tolist()]
+            return [tiny_card.labels[i] for i in model(batch).argmax(1).tolist()]
 
     return predict
 
 
 def post_all(ts: TorchServe, model: str, bodies: list, workers: int = 8) -> list:
     with cf.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda b: ts.predict(model, b), bodies))
+        return list(pool.map(lambda b: ts.api.predict(model, b), bodies))
 
 
 def test_served_predictions_equal_offline_eager_for_png_and_jpeg(server, offline, tiny_splits) -> None:
@@ -69,44 +93,44 @@ def test_served_predictions_equal_offline_eager_for_png_and_jpeg(server, offline
         assert [r.json()["label"] for r in responses] == offline(blobs)
 
 
-def test_served_accuracy_on_the_held_out_set_equals_the_offline_figure(server, tiny_splits, tiny_meta) -> None:
+def test_served_accuracy_on_the_held_out_set_equals_the_offline_figure(server, tiny_splits, tiny_card) -> None:
     pairs = [tiny_splits.test[i] for i in range(len(tiny_splits.test))]
     responses = post_all(server, "digits", [encode_png(im).numpy().tobytes() for im, _ in pairs])
     assert all(r.status_code == 200 for r in responses)
-    correct = sum(r.json()["label"] == tiny_meta["labels"][y] for r, (_, y) in zip(responses, pairs, strict=True))
-    assert round(correct / len(pairs), 6) == tiny_meta["metrics"]["test"]["top1"]
+    correct = sum(r.json()["label"] == tiny_card.labels[y] for r, (_, y) in zip(responses, pairs, strict=True))
+    assert round(correct / len(pairs), 6) == tiny_card.test.top1
 
 
 def test_wrong_input_gets_4xx_json_and_the_worker_survives(server, tiny_splits) -> None:
-    pids = server.worker_pids("digits")
-    for body, content_type in ((b"", "application/octet-stream"), (b"hello, not an image", "text/plain")):
-        r = server.predict("digits", body, content_type=content_type)
-        assert 400 <= r.status_code < 500
-        assert r.headers["content-type"].startswith("application/json")
-        assert r.json()["error"]["code"] in {"empty_body", "unsupported_format"}
-        good = server.predict("digits", encode_png(tiny_splits.test[0][0]).numpy().tobytes())
+    pids = server.api.worker_pids("digits")
+    for body, content_type, status, code in ((b"", "application/octet-stream", 400, "empty_body"),
+                                             (b"hello, not an image", "text/plain", 415, "unsupported_format")):
+        r = server.api.predict("digits", body, content_type=content_type)
+        assert r.status_code == status and r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == code
+        good = server.api.predict("digits", encode_png(tiny_splits.test[0][0]).numpy().tobytes())
         assert good.status_code == 200
-    assert server.worker_pids("digits") == pids
+    assert server.api.worker_pids("digits") == pids
 
 
-def test_bad_input_corpus_mixed_into_real_batches(server, tiny_splits, tiny_meta) -> None:
-    pids = server.worker_pids("digits_batched")
+def test_bad_input_corpus_mixed_into_real_batches(server, tiny_splits, tiny_card) -> None:
+    pids = server.api.worker_pids("digits_batched")
     image, label = tiny_splits.test[3]
     good = encode_png(image).numpy().tobytes()
-    bad = corpus(image, tiny_meta["input_size"], BATCH_MAX_BYTES)
+    bad = corpus(image, tiny_card.input.image_size, BATCH_MAX_BYTES)
     jobs = [(b, True) for b in bad] + [(None, False)] * 3 * len(bad)
     with cf.ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(server.predict, "digits_batched", b.body, content_type=b.content_type) if is_bad
-                   else pool.submit(server.predict, "digits_batched", good) for b, is_bad in jobs]
+        futures = [pool.submit(server.api.predict, "digits_batched", b.body, content_type=b.content_type) if is_bad
+                   else pool.submit(server.api.predict, "digits_batched", good) for b, is_bad in jobs]
         responses = [f.result() for f in futures]
     for (b, is_bad), r in zip(jobs, responses, strict=True):
         if is_bad:
             assert (r.status_code, r.json()["error"]["code"]) == (b.status, b.code), (b.name, r.text[:200])
             assert r.json()["error"]["message"]
         else:
-            assert r.status_code == 200 and r.json()["label"] == tiny_meta["labels"][label]
-    assert server.worker_pids("digits_batched") == pids
-    metrics = server.metrics()
+            assert r.status_code == 200 and r.json()["label"] == tiny_card.labels[label]
+    assert server.api.worker_pids("digits_batched") == pids
+    metrics = server.api.metrics()
     for name in ("PreprocessMs", "InferenceMs", "PostprocessMs", "RejectedInputs"):
         assert f"\n{name}{{" in metrics, f"{name} missing from /metrics"
 
@@ -118,18 +142,66 @@ def test_bad_input_corpus_mixed_into_real_batches(server, tiny_splits, tiny_meta
     assert batches > 0 and items / batches > 1, f"no batching: {items} items in {batches} batches"
 
 
-def test_describe_returns_the_model_card(server, tiny_meta) -> None:
-    r = server.manage("GET", "/models/digits?customized=true")
+def test_describe_returns_the_model_card(server, tiny_card) -> None:
+    r = server.api.manage("GET", "/models/digits?customized=true")
     assert r.status_code == 200, r.text
-    card = r.json()[0]["customizedMetadata"]
-    card = card if isinstance(card, dict) else json.loads(card)
-    assert card["variant"] == "fp32" and card["metrics"]["test"] == tiny_meta["metrics"]["test"]
-    assert card["version"] == "1.0" and card["labels"] == tiny_meta["labels"]
+    described = r.json()[0]["customizedMetadata"]
+    described = described if isinstance(described, dict) else json.loads(described)
+    # The frontend drops JSON nulls on the way out; the card's defaults (None) restore them.
+    assert ModelCard.from_dict(described["card"]) == tiny_card
+    assert described["serving"]["version"] == "1.0" and described["serving"]["device"] == "cpu"
 
 
 def test_requests_without_the_token_are_refused(server, tiny_splits) -> None:
     png = encode_png(tiny_splits.test[0][0]).numpy().tobytes()
-    r = server.session.post(server.url("inference", "/predictions/digits"), data=png)
+    r = requests.post(server.url("inference", "/predictions/digits"), data=png, timeout=30)
     assert r.status_code in (400, 401) and "token" in r.text.lower()
-    r = server.session.get(server.url("management", "/models"))
+    r = requests.get(server.url("management", "/models"), timeout=30)
     assert r.status_code in (400, 401) and "token" in r.text.lower()
+
+
+def test_kserve_v1_and_v2_bodies_through_the_real_frontend(server, tiny_splits, tiny_card, offline) -> None:
+    """KServe bodies on /predictions and on the frontend's own KServe routes (/v1/models/{m}:predict and
+    /v2/models/{m}/infer), which TorchServe 0.12 hands to the handler with the body as sent."""
+    images = [tiny_splits.test[i][0] for i in range(4)]
+    pngs = [encode_png(im).numpy().tobytes() for im in images]
+    want = offline(pngs)
+    v1 = {"instances": [{"data": base64.b64encode(p).decode()} for p in pngs]}
+    tensor = Normalizer(tiny_card.input.mean, tiny_card.input.std)(images[0].unsqueeze(0))
+    v2 = {"inputs": [{"name": "input-0", "shape": list(tensor.shape), "datatype": "FP32",
+                      "data": tensor.flatten().tolist()}]}
+    v2_bytes = {"inputs": [{"name": "input-0", "shape": [2], "datatype": "BYTES",
+                            "data": [base64.b64encode(p).decode() for p in pngs[:2]]}]}
+    for path in (None, "/v1/models/digits:predict"):
+        r = server.api.predict("digits", v1, path=path)
+        assert r.status_code == 200, (path, r.text[:300])
+        assert [p["label"] for p in r.json()["predictions"]] == want
+    for path in (None, "/v2/models/digits/infer"):
+        r = server.api.predict("digits", v2, path=path)
+        assert r.status_code == 200, (path, r.text[:300])
+        body = r.json()
+        assert body["model_name"] == "digits" and body["model_version"] == "1.0"
+        assert json.loads(body["outputs"][0]["data"][0])["label"] == want[0]
+        r = server.api.predict("digits", v2_bytes, path=path)
+        assert [json.loads(x)["label"] for x in r.json()["outputs"][0]["data"]] == want[:2]
+    bad = server.api.predict("digits", {"instances": "not a list"}, path="/v1/models/digits:predict")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+
+
+def test_a_structured_pruned_state_dict_serves_the_labels_of_its_torchscript(server, pruned_parent: Path,
+                                                                              pruned_eager: Path, tiny_splits) -> None:
+    """The handler resizes torchvision's resnet18 to the pruned checkpoint's shapes (fit_shapes)."""
+    described = server.api.describe("digits_pruned")[0]
+    assert described["modelVersion"] == "1.0"
+    images = [tiny_splits.test[i][0] for i in range(40)]
+    responses = post_all(server, "digits_pruned", [encode_png(im).numpy().tobytes() for im in images])
+    assert [r.status_code for r in responses] == [200] * 40, responses[0].text
+    scripted_dir = variant_dir(pruned_parent, "pruned")
+    card = ModelCard.read(scripted_dir)
+    scripted = load_model(scripted_dir, card)
+    with known_deprecations():
+        logits, _ = predict(scripted, torch.utils.data.Subset(tiny_splits.test, range(40)), card.input.mean,
+                            card.input.std)
+    assert [r.json()["label"] for r in responses] == [card.labels[i] for i in logits.argmax(1).tolist()]
+    assert {r.json()["model"]["variant"] for r in responses} == {"pruned"}
+    assert ModelCard.read(pruned_eager).runtime == "eager"

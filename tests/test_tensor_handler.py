@@ -10,11 +10,11 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from handlers.contract import TORCHSCRIPT_FILE, EvalSummary, InputContract, Metrics, ModelCard, Recipe
 from handlers.deprecations import known_deprecations
 from handlers.tensor_classifier import TensorClassifier
+from harness.context import call, make_context, unpack_mar
 from tests.conftest import build_mar
-from tests.handler_context import call, make_context, unpack_mar
-from training import metadata
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,11 @@ def mlp_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray,
     top1 = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
     out = tmp_path_factory.mktemp("mlp")
     with known_deprecations():
-        torch.jit.save(torch.jit.freeze(torch.jit.script(model)), str(out / "model.pt"))
-    metadata.write(out, {
-        "name": "digits_mlp", "version": "1.0", "architecture": "mlp-64-64-10", "num_classes": 10,
-        "input_shape": [64], "labels": [str(i) for i in range(10)], "variant": "fp32",
-        "recipe": {"technique": "train", "args": {"epochs": 200}}, "format": "torchscript",
-        "artifact": "model.pt", "cpu_only": False, "parent": None,
-        "metrics": {"test": {"n": len(y_te), "top1": round(top1, 6)}},
-    })
+        torch.jit.save(torch.jit.freeze(torch.jit.script(model)), str(out / TORCHSCRIPT_FILE))
+    ModelCard(name="digits_mlp", version="1.0", architecture="mlp-64-64-10", labels=[str(i) for i in range(10)],
+              input=InputContract(shape=[64]), variant="fp32", runtime="torchscript", artifact=TORCHSCRIPT_FILE,
+              recipe=Recipe("train", {"epochs": 200}),
+              metrics=Metrics(test=EvalSummary(n=len(y_te), top1=round(top1, 6)))).write(out)
     return out, x_te, y_te
 
 
@@ -62,23 +59,21 @@ def test_tensor_handler_serves_features_and_rejects_bad_tensors(mlp_dir, tmp_pat
     assert np.mean(np.array(served) == y_te[:20]) >= 0.85
     assert [(s, b["error"]["code"]) for s, b in results[20:]] == [
         (422, "wrong_shape"), (422, "non_finite"), (415, "unsupported_format"), (422, "wrong_dtype")]
-    card = handler.describe()
-    assert card["input"]["shape"] == [64] and card["architecture"] == "mlp-64-64-10"
+    described = handler.describe()
+    assert described["serving"]["input_shape"] == [64] and described["card"]["architecture"] == "mlp-64-64-10"
 
 
 def test_tensor_handler_regression_returns_values(mlp_dir, tmp_path: Path) -> None:
     model_dir, x_te, _ = mlp_dir
-    meta = metadata.read(model_dir)
-    meta["task"] = "regression"
     reg_dir = tmp_path / "reg"
     reg_dir.mkdir()
-    (reg_dir / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
-    metadata.write(reg_dir, meta)
-    (reg_dir / "MAR-INF").mkdir()
-    (reg_dir / "MAR-INF" / "MANIFEST.json").write_text('{"model": {"modelName": "reg", "modelVersion": "1.0"}}')
-    (reg_dir / "model-config.yaml").write_text("handler: {}\n")
+    (reg_dir / TORCHSCRIPT_FILE).write_bytes((model_dir / TORCHSCRIPT_FILE).read_bytes())
+    ModelCard.read(model_dir).replace(task="regression").write(reg_dir)
     handler = TensorClassifier()
-    ctx = make_context(reg_dir)
+    ctx = make_context(reg_dir, name="reg", config={"handler": {}})
     handler.initialize(ctx)
     [(status, body)] = call(handler, ctx, [{"body": {"data": x_te[0].tolist()}}])
-    assert status == 200 and len(body["values"]) == 10 and "label" not in body
+    assert status == 200 and "label" not in body
+    with torch.inference_mode(), known_deprecations():
+        expected = torch.jit.load(str(model_dir / TORCHSCRIPT_FILE))(torch.from_numpy(x_te[:1]))[0]
+    assert body["values"] == pytest.approx(expected.tolist(), abs=1e-5)
