@@ -1,12 +1,13 @@
 """Start and stop the real TorchServe (Java frontend + Python workers) on free loopback ports, privately.
 
-Each instance gets its own work directory: config.properties (the repo's, with loopback ports, gRPC ports and
-worker ports of its own), TMPDIR and java.io.tmpdir (pid file and worker sockets), logs, and key_file.json.
+Each instance gets its own work directory: config.properties (the repo's, with loopback and gRPC ports of its
+own), TMPDIR and java.io.tmpdir (pid file and worker sockets), logs, and key_file.json.
 So several instances, and parallel test runs, coexist on one machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -26,10 +27,17 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER_DEATH = re.compile(r"Backend worker process died|Worker disconnected|WORKER_STOPPED|Load model failed")
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: all are held open until all are chosen, so no two can be the same."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def group_alive(group: int) -> bool:
@@ -63,7 +71,8 @@ class TorchServe:
         self.env = env or {}  # extra environment for the frontend and, through it, the workers
         self.model_store = Path(model_store)
         self.snapshot = snapshot
-        self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+        inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+        self.ports = {"inference": inference, "management": management, "metrics": metrics}
         tmp = self.workdir / "tmp"
         props = read_properties(ROOT / "config.properties")
         props.update({
@@ -71,11 +80,10 @@ class TorchServe:
             "management_address": f"http://127.0.0.1:{self.ports['management']}",
             "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
             # gRPC (loopback by default) would take 7070/7071, and a second server failing to bind them stops itself.
-            "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-            # Worker sockets are numbered from 9000 (/tmp/.ts.sock.9000...): a private range as well as a private dir.
-            "initial_worker_port": str(20000 + free_port() % 30000),
+            "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
             "model_store": str(self.model_store),
             "metrics_config": str(ROOT / "handlers" / "metrics.yaml"),
+            # Worker sockets (.ts.sock.9000, ...) live in java.io.tmpdir: private to this instance.
             "vmargs": f"-Djava.io.tmpdir={tmp}",
         })
         props.update(overrides or {})
