@@ -184,8 +184,8 @@ def cmd_scale(ctx: Context, model: str, workers: int, version: str | None = None
     print(f"{model} {version} scaled to {workers} workers")
 
 
-def cmd_wait(ctx: Context, models: list[str], timeout: float) -> None:
-    ctx.mgmt.wait(models, timeout)
+def cmd_wait(ctx: Context, models: list[str], timeout: float, every_worker: bool = False) -> None:
+    ctx.mgmt.wait(models, timeout, every_worker=every_worker)
     print(f"ready: {', '.join(models)}" if models else f"the management API at {ctx.mgmt.url} answers")
 
 

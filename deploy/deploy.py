@@ -11,7 +11,7 @@ Run against the operator profile (model API on, loopback only), from the reposit
     python -m deploy.deploy retire digits [--keep 1]          # unregister all but the newest N (never the default)
     python -m deploy.deploy scale digits [--version 2.0] --workers 2
     python -m deploy.deploy rollout digits-2.0.mar            # register -> canary -> promote -> retire
-    python -m deploy.deploy wait digits [--timeout 180]       # until each model has a READY worker
+    python -m deploy.deploy wait digits [--timeout 180]       # until each model has a READY worker [--all-workers]
 
 Global options (before the command): --management URL, --inference URL (env TS_MANAGEMENT_URL,
 TS_INFERENCE_URL), --token-file key_file.json (TorchServe writes it where it starts; env TS_TOKEN and
@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = sub.add_parser("wait", help="wait until the management API answers and each model has a READY worker")
     s.add_argument("models", nargs="*")
     s.add_argument("--timeout", type=float, default=180)
+    s.add_argument("--all-workers", action="store_true", help="wait until every worker is READY, not just one")
     s = sub.add_parser("rollout", help="register -> canary -> promote -> retire, stopping at the first failure")
     s.add_argument("archive")
     canary_opts(s)
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.cmd == "scale":
         cmd_scale(ctx, args.model, args.workers, args.version)
     elif args.cmd == "wait":
-        cmd_wait(ctx, args.models, args.timeout)
+        cmd_wait(ctx, args.models, args.timeout, args.all_workers)
     elif args.cmd == "rollout":
         cmd_rollout(ctx, args.archive, args.budget, args.latency_factor, args.keep, args.grace, args.limit)
 

@@ -102,9 +102,11 @@ class Management:
             self.versions(model)  # raises the helpful message
             raise
 
-    def wait(self, models: Sequence[str] = (), timeout: float = 180, alive: Callable[[], None] | None = None) -> None:
-        """Until the API answers and every model in `models` has a READY worker. `alive` is called while waiting
-        (a launcher passes a check that its server process still runs); a refused token fails at once."""
+    def wait(self, models: Sequence[str] = (), timeout: float = 180, alive: Callable[[], None] | None = None,
+             every_worker: bool = False) -> None:
+        """Until the API answers and every model in `models` has a READY worker (with `every_worker`: all its workers
+        are READY). `alive` is called while waiting (a launcher passes a check that its server process still runs);
+        a refused token fails at once."""
         deadline = time.monotonic() + timeout
         waiting_for = "the management API"
         while True:
@@ -112,10 +114,10 @@ class Management:
                 alive()
             try:
                 registered = set(self.models())
-                pending = [m for m in models if m not in registered or not self.ready(m)]
+                pending = [m for m in models if m not in registered or not self.ready(m, every_worker)]
                 if not pending:
                     return
-                waiting_for = f"a READY worker of {', '.join(pending)}"
+                waiting_for = f"{'every worker' if every_worker else 'a READY worker'} of {', '.join(pending)}"
             except Unreachable as e:
                 waiting_for = str(e)
             if time.monotonic() > deadline:
@@ -123,13 +125,14 @@ class Management:
                                   f"{waiting_for}; see logs/ts_log.log and logs/model_log.log")
             time.sleep(0.3)
 
-    def ready(self, model: str) -> bool:
-        """Some version of `model` has a READY worker."""
+    def ready(self, model: str, every_worker: bool = False) -> bool:
+        """Some version of `model` has a READY worker (with `every_worker`: every worker of every version is)."""
         try:
             versions = self.call("GET", f"/models/{model}/all", timeout=10)
         except NotFound:
             return False
-        return any(w.get("status") == "READY" for v in versions for w in v.get("workers", []))
+        states = [w.get("status") == "READY" for v in versions for w in v.get("workers", [])]
+        return all(states) and bool(states) if every_worker else any(states)
 
     def version(self, model: str, version: str) -> dict[str, Any]:
         found = {str(v["modelVersion"]): v for v in self.versions(model)}

@@ -93,7 +93,7 @@ class TorchServe:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, wait_for: list[str] | None = None, timeout: float = 180) -> TorchServe:
-        """Launch, then wait until the management API answers and each model in `wait_for` has a READY worker."""
+        """Launch, then wait until the management API answers and every worker of each model in `wait_for` is READY."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in self.props.items()))
         key_file = self.workdir / KEY_FILE
@@ -131,11 +131,12 @@ class TorchServe:
         return self
 
     def wait(self, models: list[str], timeout: float = 180) -> None:
-        """Until the management API answers and each model has a READY worker (deploy's wait, which every
-        caller shares), failing at once with the log tail if the server process exits."""
+        """Until the management API answers and every worker of each model is READY (deploy's wait, which every
+        caller shares), failing at once with the log tail if the server process exits. All workers, not one: a
+        test that scales or kills workers must not catch one still loading."""
         mgmt = Management(self.url("management"), self.api.keys["management"], self.workdir / KEY_FILE)
         try:
-            mgmt.wait(models, max(timeout, 1.0), alive=self.check_alive)
+            mgmt.wait(models, max(timeout, 1.0), alive=self.check_alive, every_worker=True)
         except DeployError as e:
             raise TimeoutError(f"{e}\n{self.log_tail()}") from None
         finally:

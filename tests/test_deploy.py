@@ -144,7 +144,7 @@ def test_register_is_idempotent_and_refuses_a_taken_version(ts: TorchServe, stor
     n, batch, delay = CONFIG["minWorkers"], CONFIG["batchSize"], CONFIG["maxBatchDelay"]  # as packed by build_mar.sh
     assert re.search(rf"^digits\s+1\.0\s+\*\s+{n}/{n} ready\s+batch {batch}/{delay}ms\s+digits-1\.0\.mar$",
                      ok(deploy(ts, store, "list")), re.M)
-    assert "ready: digits" in ok(deploy(ts, store, "wait", "digits", "--timeout", "30"))
+    assert "ready: digits" in ok(deploy(ts, store, "wait", "digits", "--all-workers", "--timeout", "60"))
     # Same version, another archive file (a byte copy, so its checksum is honestly recorded).
     copy_archive(store, "digits-1.0.mar", "digits-1.0-copy.mar")
     fails(deploy(ts, store, "register", "digits-1.0-copy.mar"),
