@@ -8,9 +8,6 @@ lives here once.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import os
 import time
@@ -22,9 +19,11 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers import protocols
 from handlers.contract import ModelCard
 from handlers.errors import InputError
 from handlers.loading import load_model
+from handlers.protocols import Parsed, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,6 @@ DEFAULTS: dict[str, Any] = {
     "gpu_decode": False,  # nvjpeg JPEG decoding on GPU workers
     "threads": "auto",  # torch intra-op threads per worker; auto: this machine's cores / maxWorkers
 }
-BASE64_KEYS = ("data", "image", "b64")
 
 
 class Item:
@@ -57,9 +55,19 @@ def server_fault(what: str, error: Exception) -> InputError:
                       "request was valid as far as the handler can tell, see the model log", 500)
 
 
+def query_flag(row: dict[str, Any], name: str) -> bool:
+    """A true/false query or form parameter, which TorchServe passes as a row entry (often bytes)."""
+    value = row.get(name)
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    return str(value).lower() == "true"
+
+
 class ModelHandler(BaseHandler):
     # What a subclass takes as input; used in error messages and in describe().
     accepts = "a JSON tensor matching the model's input shape"
+    # The input the Open Inference Protocol metadata declares: (name, datatype).
+    oip_input = ("input", "FP32")
 
     def initialize(self, context: Any) -> None:
         self.context = context
@@ -83,6 +91,7 @@ class ModelHandler(BaseHandler):
         self.model_name = model_info.get("modelName", self.card.name)
         self.version = model_info.get("modelVersion") or self.card.version
         self.batch_size = int(props.get("batch_size") or 1)
+        self.served = protocols.Model(self.model_name, self.version, self.outputs())
         self.setup()
         self.warm_up()
         self.initialized = True
@@ -122,6 +131,10 @@ class ModelHandler(BaseHandler):
         if options.get("logits"):
             result["logits"] = [round(float(x), 6) for x in output]
         return result
+
+    def outputs(self) -> tuple[str, ...]:
+        """The named outputs `respond` gives, as the Open Inference Protocol lists them."""
+        return ("labels", "probabilities", "logits")
 
     def model_card_ref(self) -> dict[str, str]:
         return {"name": self.model_name, "version": self.version, "variant": self.card.variant}
@@ -166,79 +179,17 @@ class ModelHandler(BaseHandler):
             return self.model(batch).float()
 
     # --- request bodies -------------------------------------------------------------------
-    def unpack(self, row: dict[str, Any]) -> tuple[list[Any], str | None]:
-        """A TorchServe request row -> (payloads, kserve protocol or None)."""
-        body = row.get("data")
-        if body is None:
-            body = row.get("body")
-        if isinstance(body, (bytes, bytearray)) and len(body) > self.options["max_bytes"]:
-            raise InputError("body_too_large",
-                             f"body is {len(body)} bytes; the limit is {self.options['max_bytes']}", 413)
-        if isinstance(body, dict):
-            if "instances" in body:
-                instances = body["instances"]
-                if not isinstance(instances, list) or not instances:
-                    raise InputError("bad_request", 'KServe v1 "instances" must be a non-empty list')
-                return [self.json_payload(x) for x in instances], "v1"
-            if "inputs" in body:
-                return self.kserve_v2_payloads(body["inputs"]), "v2"
-            return [self.json_payload(body)], None
-        if isinstance(body, list):
-            return [body], None
-        if isinstance(body, str):
-            stripped = body.strip()
-            if stripped.startswith(("{", "[")):
-                try:
-                    return self.unpack({"body": json.loads(stripped)})
-                except json.JSONDecodeError as e:
-                    raise InputError("bad_json", f"body is not valid JSON: {e}") from e
-            raise InputError("unsupported_format", f"got text; send {self.accepts}", 415)
-        if body is None:
-            raise InputError("empty_body", f"the request has no body; send {self.accepts}")
-        return [body], None
+    def headers(self, idx: int) -> dict[str, str]:
+        """The request's headers, names lower-cased (TorchServe passes them as the client sent them)."""
+        if not self.context or not self.context.request_processor:
+            return {}
+        return {str(k).lower(): str(v) for k, v in (self.context.get_all_request_header(idx) or {}).items()}
 
-    def json_payload(self, obj: Any) -> Any:
-        """A JSON object -> base64-decoded bytes or a tensor-like list."""
-        if isinstance(obj, dict):
-            for key in BASE64_KEYS:
-                if key in obj:
-                    value = obj[key]
-                    return self.b64decode(value) if isinstance(value, str) else value
-            raise InputError(
-                "bad_request_key",
-                f"JSON body has keys {sorted(obj)[:5]}; put base64 image bytes or a tensor under "
-                f"one of {list(BASE64_KEYS)}, or send KServe 'instances'/'inputs'",
-            )
-        if isinstance(obj, str):
-            return self.b64decode(obj)
-        return obj
-
-    def b64decode(self, text: str) -> bytes:
-        if len(text) > self.options["max_bytes"] * 4 // 3 + 4:
-            raise InputError("body_too_large", f"base64 payload exceeds {self.options['max_bytes']} bytes", 413)
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise InputError("bad_base64", f"the payload is not valid base64: {e}") from e
-
-    def kserve_v2_payloads(self, inputs: Any) -> list[Any]:
-        if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
-            raise InputError("bad_request", 'KServe v2 "inputs" must be a list of {name, shape, datatype, data}')
-        first = inputs[0]
-        data = first.get("data")
-        if first.get("datatype") == "BYTES":
-            items = data if isinstance(data, list) else [data]
-            return [self.b64decode(x) if isinstance(x, str) else x for x in items]
-        shape = first.get("shape")
-        if not isinstance(shape, list) or not isinstance(data, list):
-            raise InputError("bad_request", 'KServe v2 tensor input needs "shape" and flat "data"')
-        try:
-            tensor = torch.tensor(data, dtype=torch.float64).reshape(shape)
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise InputError("wrong_shape", f"KServe v2 data does not fit shape {shape}: {e}", 422) from e
-        if tensor.ndim == len(self.input_shape()):
-            tensor = tensor.unsqueeze(0)
-        return list(tensor)
+    def split_rows(self, payload: Any) -> list[Any]:
+        """A tensor holding a batch of model inputs (an OIP input with a batch dimension) -> one per row."""
+        if isinstance(payload, torch.Tensor) and payload.ndim == len(self.input_shape()) + 1:
+            return list(payload)
+        return [payload]
 
     def tensor_from_json(self, value: Any) -> torch.Tensor:
         """A nested list (or tensor) that must already match the model input shape."""
@@ -264,51 +215,44 @@ class ModelHandler(BaseHandler):
         return tensor
 
     # --- the batch ------------------------------------------------------------------------
-    def request_options(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
-        body = row.get("body") if row.get("data") is None else row.get("data")
-        opts: dict[str, Any] = {}
-        if isinstance(body, dict):
-            opts["logits"] = bool(body.get("return_logits", False))
-        flag = row.get("return_logits")
-        if isinstance(flag, (bytes, bytearray, str)):
-            opts["logits"] = (flag.decode() if isinstance(flag, (bytes, bytearray)) else flag).lower() == "true"
-        return opts
-
     def is_describe(self, idx: int) -> bool:
         """TorchServe's describe call (management `?customized=true`) or a `describe: true` request header."""
-        if not self.context or not self.context.request_processor:
-            return False
-        headers = self.context.get_all_request_header(idx) or {}
-        return any(k.lower() == "describe" and str(v).lower() == "true" for k, v in headers.items())
+        return self.headers(idx).get("describe", "").lower() == "true"
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         self.context = context
         started = time.perf_counter()
         responses: list[Any] = [None] * len(data)
-        protocols: list[str | None] = [None] * len(data)
+        requests: list[tuple[Protocol, Parsed] | None] = [None] * len(data)
         items: list[Item] = []
         for idx, row in enumerate(data):
             if self.is_describe(idx):
                 responses[idx] = self.describe()
                 continue
+            protocol: Protocol = protocols.RAW
             try:
-                payloads, protocols[idx] = self.unpack(row)
-                decoded = [self.decode(p) for p in payloads]
+                headers = self.headers(idx)
+                protocol, body = protocols.detect(protocols.body_of(row), headers)
+                parsed = protocol.parse(body, headers, int(self.options["max_bytes"]))
+                parsed.logits = parsed.logits or query_flag(row, "return_logits")
+                decoded = [self.decode(p) for payload in parsed.payloads for p in self.split_rows(payload)]
             except InputError as e:
-                responses[idx] = self.reject(idx, e)
+                responses[idx] = self.reject(idx, e, protocol)
                 continue
             except Exception as e:  # a decoder bug is the server's fault, and must not take other requests down
                 logger.exception("unexpected error decoding request %d", idx)
-                responses[idx] = self.reject(idx, server_fault("decode", e))
+                responses[idx] = self.reject(idx, server_fault("decode", e), protocol)
                 continue
+            requests[idx] = (protocol, parsed)
             items.extend(Item(idx, t) for t in decoded)
-        items = self.decode_items(items, responses)
+        items = self.decode_items(items, responses, requests)
         pre_ms = (time.perf_counter() - started) * 1000
         if items:
-            self.run_batch(data, items, responses, protocols, pre_ms)
+            self.run_batch(items, responses, requests, pre_ms)
         return responses
 
-    def decode_items(self, items: list[Item], responses: list[Any]) -> list[Item]:
+    def decode_items(self, items: list[Item], responses: list[Any],
+                     requests: list[tuple[Protocol, Parsed] | None]) -> list[Item]:
         """decode_batch over the whole batch; a request with a failed item is rejected whole, the others go on."""
         if not items:
             return items
@@ -321,14 +265,14 @@ class ModelHandler(BaseHandler):
         for it, result in zip(items, results, strict=True):
             if isinstance(result, InputError):
                 if it.request not in failed:
-                    responses[it.request] = self.reject(it.request, result)
+                    responses[it.request] = self.reject(it.request, result, self.protocol_of(requests, it.request))
                 failed.add(it.request)
             else:
                 it.tensor = result
         return [it for it in items if it.request not in failed]
 
-    def run_batch(self, data: list[dict[str, Any]], items: list[Item], responses: list[Any],
-                  protocols: list[str | None], pre_ms: float) -> None:
+    def run_batch(self, items: list[Item], responses: list[Any], requests: list[tuple[Protocol, Parsed] | None],
+                  pre_ms: float) -> None:
         t0 = time.perf_counter()
         try:
             batch = self.collate([it.tensor for it in items])
@@ -337,36 +281,34 @@ class ModelHandler(BaseHandler):
         except Exception as e:  # e.g. out of memory: answer every request in the batch, keep the worker
             logger.exception("inference failed for a batch of %d", len(items))
             for idx in {it.request for it in items}:
-                responses[idx] = self.reject(idx, server_fault("inference", e))
+                responses[idx] = self.reject(idx, server_fault("inference", e), self.protocol_of(requests, idx))
             return
         t2 = time.perf_counter()
         per_request: dict[int, list[dict[str, Any]]] = {}
         for it, out in zip(items, outputs, strict=True):
-            opts = self.request_options(data[it.request], it.request)
-            per_request.setdefault(it.request, []).append(self.respond(out, opts))
+            protocol, parsed = requests[it.request]  # type: ignore[misc]
+            per_request.setdefault(it.request, []).append(self.respond(out, {"logits": parsed.logits}))
         for idx, results in per_request.items():
-            responses[idx] = self.envelope(results, protocols[idx])
+            protocol, parsed = requests[idx]  # type: ignore[misc]
+            try:
+                responses[idx] = protocol.respond(results, parsed, self.served)
+            except InputError as e:
+                responses[idx] = self.reject(idx, e, protocol)
+                continue
             self.context.set_response_content_type(idx, "application/json")
         t3 = time.perf_counter()
         self.record_metrics(pre_ms + (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000, len(items))
 
-    def envelope(self, results: list[dict[str, Any]], protocol: str | None) -> dict[str, Any]:
-        if protocol == "v1":
-            return {"predictions": results}
-        if protocol == "v2":
-            return {
-                "model_name": self.model_name,
-                "model_version": self.version,
-                "outputs": [{"name": "predictions", "datatype": "BYTES", "shape": [len(results)],
-                             "data": [json.dumps(r) for r in results]}],
-            }
-        return results[0]
+    @staticmethod
+    def protocol_of(requests: list[tuple[Protocol, Parsed] | None], idx: int) -> Protocol:
+        request = requests[idx]
+        return request[0] if request else protocols.RAW
 
-    def reject(self, idx: int, error: InputError) -> dict[str, Any]:
+    def reject(self, idx: int, error: InputError, protocol: Protocol) -> Any:
         self.context.set_response_status(error.status, error.message, idx)
         self.context.set_response_content_type(idx, "application/json")
         self.record_rejection(error.code)
-        return error.body()
+        return protocol.error(error)
 
     # --- metrics, describe ----------------------------------------------------------------
     def record_metrics(self, pre_ms: float, infer_ms: float, post_ms: float, batch: int) -> None:
@@ -398,5 +340,19 @@ class ModelHandler(BaseHandler):
                 "accepts": self.accepts,
                 "input_shape": list(self.input_shape()),
                 "limits": {k: self.options[k] for k in ("max_bytes", "max_pixels")},
+                "open_inference": self.tensor_metadata(),
             },
+        }
+
+    def tensor_metadata(self) -> dict[str, list[dict[str, Any]]]:
+        """The Open Inference Protocol's model metadata: the input and outputs, -1 for the batch dimension."""
+        name, datatype = self.oip_input
+        item = [] if datatype == "BYTES" else list(self.input_shape())
+        k = min(int(self.options["topk"]), len(self.card.labels))
+        shapes = {"labels": [-1, k], "probabilities": [-1, k], "logits": [-1, len(self.card.labels)],
+                  "values": [-1, -1]}
+        return {
+            "inputs": [{"name": name, "datatype": datatype, "shape": [-1, *item]}],
+            "outputs": [{"name": o, "datatype": "BYTES" if o == "labels" else "FP32", "shape": shapes[o]}
+                        for o in self.outputs()],
         }

@@ -13,6 +13,7 @@ from handlers.imaging import SUPPORTED, Normalizer, decode_image, decode_jpegs_o
 
 class ImageClassifier(ModelHandler):
     accepts = f"image bytes ({SUPPORTED}), base64 in JSON, or a tensor of the model's input shape"
+    oip_input = ("image", "BYTES")  # FP32 tensors of the input shape are accepted too
 
     def setup(self) -> None:
         self.size = self.card.input.image_size

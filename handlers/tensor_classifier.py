@@ -16,6 +16,10 @@ from handlers.base import ModelHandler
 class TensorClassifier(ModelHandler):
     accepts = 'JSON {"data": nested lists matching the model input shape}, or KServe v1/v2 tensors'
 
+    def outputs(self) -> tuple[str, ...]:
+        """Regression answers one tensor of values; classification, the base's labels and probabilities."""
+        return ("values",) if self.card.task == "regression" else super().outputs()
+
     def respond(self, output: torch.Tensor, options: dict[str, Any]) -> dict[str, Any]:
         if self.card.task == "regression":
             return {"values": [round(float(v), 6) for v in output.flatten()], "model": self.model_card_ref()}
