@@ -3,7 +3,6 @@ checks a candidate must pass before it may become the default."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from deploy.client import Prediction, PredictionError
-from deploy.management import DeployError
+from deploy.management import DeployError, handler_description
 from deploy.store import now, open_archive
 from handlers.contract import ModelCard
 from training import golden
@@ -105,10 +104,8 @@ def cmd_canary(ctx: Context, model: str, version: str, budget_pt: float, latency
 def _fingerprint(described: Any) -> str | None:
     """The data fingerprint in a version's model card, from the management API's describe (customized=true)."""
     try:
-        served = described[0]["customizedMetadata"]
-        served = json.loads(served) if isinstance(served, str) else served
-        card = ModelCard.from_dict(served["card"])
-    except (KeyError, IndexError, TypeError, ValueError):  # CardError is a ValueError: an older handler's card
+        card = ModelCard.from_dict((handler_description(described) or {})["card"])
+    except (KeyError, TypeError, ValueError):  # CardError is a ValueError: an older handler's card
         return None
     return card.data.fingerprint if card.data else None
 

@@ -3,6 +3,7 @@ readiness that every caller shares (the deploy CLI, quickstart.sh and the test a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -43,6 +44,16 @@ def read_token(token_file: Path, api: str, env: str) -> str:
         return read_key(token_file, api)
     except KeyFileError as e:
         raise DeployError(f"{api} token missing: {e} (pass it with --token-file PATH or set {env})") from None
+
+
+def handler_description(described: Any) -> dict[str, Any] | None:
+    """What the handler adds to a describe call with customized=true (the model card and how it serves);
+    None for a handler that adds nothing. The frontend passes it on as a JSON string or as an object."""
+    try:
+        served = described[0]["customizedMetadata"]
+        return json.loads(served) if isinstance(served, str) else dict(served)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 class Management:

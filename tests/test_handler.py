@@ -123,7 +123,8 @@ def test_tensor_input_and_kserve_bodies(handler, tiny_splits, tiny_card) -> None
     assert results[0][1]["label"] == want
     assert [p["label"] for p in results[1][1]["predictions"]] == [want, want]
     v2 = results[2][1]
-    assert v2["model_name"] == "digits" and json.loads(v2["outputs"][0]["data"][0])["label"] == want
+    assert v2["model_name"] == "digits" and [o["name"] for o in v2["outputs"]] == ["labels", "probabilities"]
+    assert v2["outputs"][0]["data"][0] == want and v2["outputs"][0]["shape"] == [1, 5]
 
 
 def test_logits_on_request_and_describe(handler, tiny_splits, tiny_card) -> None:
