@@ -15,3 +15,5 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   .venv/bin/python -m pip install -q -r requirements.txt
   echo "$want" > "$stamp"
 fi
+# TorchServe's gRPC stubs from the installed jar (deploy/ts_grpc/, gitignored); a no-op when already current.
+.venv/bin/python -m deploy.grpc_stubs
