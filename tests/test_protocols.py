@@ -23,6 +23,7 @@ import yaml
 from torchvision.io import encode_png
 from tritonclient.utils import InferenceServerException
 
+from deploy.client import InferenceClient
 from harness.gateway import Gateway
 from harness.torchserve import TorchServe
 from tests.conftest import ROOT, build_mar, copy_store, serve
@@ -122,6 +123,10 @@ def test_fifty_digits_give_the_same_answer_on_every_path(server, gateway, digits
     via_grpc = tgrpc.InferenceServerClient(gateway.grpc)
     paths["OIP gRPC tritonclient (gateway)"] = lambda png: top(*(lambda r: (r.as_numpy("labels"), r.as_numpy(
         "probabilities")))(via_grpc.infer("digits", [bytes_input(tgrpc, [png])], headers=auth(server))))[0]
+
+    ts_grpc = InferenceClient(f"grpc://127.0.0.1:{server.props['grpc_inference_port']}", server.api.keys["inference"],
+                              model="digits")
+    paths["TorchServe gRPC, deploy.client"] = lambda png: raw_answer(ts_grpc.predict(png).raw)
 
     answers = {name: [call(png) for png in digits] for name, call in paths.items()}
     reference = answers.pop("REST raw")
