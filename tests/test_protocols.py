@@ -24,6 +24,7 @@ from torchvision.io import encode_png
 from tritonclient.utils import InferenceServerException
 
 from deploy.client import InferenceClient
+from harness.encodings import encodings
 from harness.gateway import Gateway
 from harness.torchserve import TorchServe
 from tests.conftest import ROOT, build_mar, copy_store, serve
@@ -262,3 +263,18 @@ def test_torchserve_oip_switch_answers_health_but_not_stock_grpc_clients(store, 
         client = tgrpc.InferenceServerClient(f"127.0.0.1:{ts.props['grpc_inference_port']}")
         with pytest.raises(InferenceServerException, match="UNIMPLEMENTED"):
             client.is_server_live(headers=headers)
+
+
+def test_real_world_encodings_serve_the_label_of_their_canonical_png(server, tiny_splits) -> None:
+    """The encoding corpus (harness/encodings.py) through the real server: every encoding of a held-out digit
+    gets the label its canonical 8-bit RGB PNG gets."""
+    mismatches, total = [], 0
+    for i in range(5):
+        picture = tiny_splits.test[i][0].permute(1, 2, 0).numpy()
+        for name, enc in encodings(picture).items():
+            got, want = (server.api.predict("digits", blob) for blob in (enc.data, enc.reference))
+            assert got.status_code == 200 and want.status_code == 200, (name, got.text[:200])
+            total += 1
+            if got.json()["label"] != want.json()["label"]:
+                mismatches.append((i, name))
+    assert total >= 5 * 15 and not mismatches, mismatches
