@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from handlers.contract import ModelCard  # noqa: E402
 from harness.torchserve import TorchServe  # noqa: E402
-from training import export, train  # noqa: E402
+from training import export, golden, train  # noqa: E402
 from training.data import Splits  # noqa: E402
 from training.evaluate import splits_for  # noqa: E402
 from training.package import read_manifest, write_manifest  # noqa: E402
@@ -122,3 +122,19 @@ def serve(store: Path, workdir: Path, models: list[str], overrides: dict[str, st
         raise
     finally:
         ts.stop()
+
+
+@contextlib.contextmanager
+def serve_scalable(store: Path, workdir: Path, models: list[str]) -> Iterator[TorchServe]:
+    """`serve` for tests that scale a model to zero workers: that logs a deliberate WORKER_SCALED_DOWN, which
+    is allowed; any other worker death still fails."""
+    with serve(store, workdir, models, allow_worker_deaths=True) as server:
+        yield server
+        crashes = [line for line in server.worker_deaths() if "SCALED_DOWN" not in line]
+        assert not crashes, f"a TorchServe worker died: {crashes[:3]}\n{server.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def images(model_store: Path) -> list[tuple[bytes, str]]:
+    """The golden set packed in digits.mar: (PNG bytes, label)."""
+    return golden.images(golden.from_archive(model_store / "digits.mar"))

@@ -24,24 +24,15 @@ from deploy.client import (
     ServerUnavailable,
 )
 from harness.torchserve import TorchServe, free_port
-from tests.conftest import serve
-from training import golden
+from tests.conftest import serve_scalable
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def ts(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    # Scaling to zero workers (the 503 test) logs a deliberate WORKER_SCALED_DOWN; any other death still fails.
-    with serve(model_store, tmp_path_factory.mktemp("ts_client"), ["digits"], allow_worker_deaths=True) as server:
+    with serve_scalable(model_store, tmp_path_factory.mktemp("ts_client"), ["digits"]) as server:
         yield server
-        crashes = [line for line in server.worker_deaths() if "SCALED_DOWN" not in line]
-        assert not crashes, f"a TorchServe worker died: {crashes[:3]}\n{server.log_tail()}"
-
-
-@pytest.fixture(scope="module")
-def images(model_store: Path) -> list[tuple[bytes, str]]:
-    return golden.images(golden.from_archive(model_store / "digits.mar"))
 
 
 def client(ts: TorchServe, **kwargs: object) -> InferenceClient:
