@@ -145,7 +145,9 @@ def flatten(image: torch.Tensor) -> torch.Tensor:
 
 
 def _from_pil(im: Image.Image) -> torch.Tensor:
-    """A loaded PIL image of any mode -> uint8 RGB [3, H, W], scaled by its bit depth, alpha flattened."""
+    """A loaded PIL image of any mode -> uint8 RGB [3, H, W], scaled by its bit depth, alpha flattened. PIL opens
+    16-bit gray with every bit (I;16, rounded here) but 16-bit colour already cut to its high byte (libpng's
+    strip_16): within one level of rounding, never the low byte."""
     if im.mode in _SIXTEEN_BIT_MODES:
         samples = torch.from_numpy(np.array(im, dtype=np.int32))[None]
         key = im.info.get("transparency")

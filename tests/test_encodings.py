@@ -68,6 +68,7 @@ def mismatches(picture: np.ndarray) -> dict[str, str]:
 @pytest.mark.parametrize("picture", [colour_picture(), digit_picture(0), digit_picture(7)],
                          ids=["colour", "digit0", "digit7"])
 def test_every_encoding_decodes_to_its_reference(picture: np.ndarray) -> None:
+    assert np.array_equal(hwc(enc.png_rgb8(picture)), picture)  # the references themselves decode to the picture
     assert mismatches(picture) == {}
 
 
@@ -240,6 +241,27 @@ def test_transparent_pixels_composite_over_the_documented_background_whatever_rg
         assert (got[0] == ALPHA_BACKGROUND).all() and np.array_equal(got[1], rgb[1]), fmt
 
 
+def bmp_bgra(rgb: np.ndarray, alpha: np.ndarray) -> bytes:
+    """A 32-bit BMP with a V4 header and an alpha mask (PIL writes none): what Windows apps save."""
+    h, w, _ = rgb.shape
+    pixels = np.dstack([rgb[::-1, :, ::-1], alpha[::-1]]).astype(np.uint8).tobytes()  # bottom-up BGRA rows
+    info = struct.pack("<IiiHHIIiiII", 108, w, h, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)
+    info += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + bytes(108 - 56)
+    offset = 14 + len(info)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + pixels
+
+
+def test_bmp_alpha_is_composited_unless_it_is_all_zero() -> None:
+    rgb = colour_picture()
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:3] = 0
+    assert Image.open(io.BytesIO(bmp_bgra(rgb, alpha))).mode == "RGBA"
+    got = hwc(bmp_bgra(rgb, alpha))
+    assert (got[:3] == ALPHA_BACKGROUND).all() and np.array_equal(got[3:], rgb[3:])
+    # an alpha channel of zeros everywhere is an app that never wrote it: opaque, as browsers show it
+    assert np.array_equal(hwc(bmp_bgra(rgb, np.zeros_like(alpha))), rgb)
+
+
 # --- (b) labels through the real handler ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def handler(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ImageClassifier, object]:
@@ -287,6 +309,7 @@ def raises(data: bytes) -> tuple[int, str]:
     return e.value.status, e.value.code
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # PIL on a damaged TIFF
 def test_hostile_inputs_still_fail_with_their_codes() -> None:
     picture = torch.from_numpy(digit_picture(3)).permute(2, 0, 1).contiguous()
     for item in corpus(picture, 32, 8 << 20):
@@ -298,6 +321,7 @@ def test_hostile_inputs_still_fail_with_their_codes() -> None:
     assert raises(b"MM\x00*" + b"\xff" * 64) == (400, "corrupt_image")
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # PIL on a damaged TIFF
 def test_every_truncated_encoding_is_a_400_not_a_guess() -> None:
     for name, e in enc.encodings(colour_picture()).items():
         assert raises(e.data[: len(e.data) // 3]) == (400, "corrupt_image"), name
