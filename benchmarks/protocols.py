@@ -6,7 +6,8 @@ that drift on a shared machine hits them alike; the ratio to plain REST is the f
     python -m benchmarks.protocols [--model artifacts/resnet18] [--connections 16] [--seconds 10] [--rounds 3]
 
 Every client is the third-party one a user would run, in this process (closed loop, one client per
-connection), on the same machine as the server: their CPU cost is part of what is measured.
+connection, harness.correctness_load.drive), on the same machine as the server: their CPU cost is part of what
+is measured. An answer counts only when its label is the one plain REST gives for that image.
 """
 
 from __future__ import annotations
@@ -22,38 +23,39 @@ from statistics import median
 from typing import Any
 
 import numpy as np
-import requests
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 
 from benchmarks import inputs
 from benchmarks.archives import build_ours
+from harness.correctness_load import Outcome, Poster, Run, drive
 from harness.gateway import Gateway
 from harness.torchserve import ROOT, TorchServe
 from training.speed import cpu_model
-from training.stats import percentile
 
-Send = Callable[[bytes], bool]
+Send = Callable[[bytes], str]  # one image -> its top-1 label
 
 
 def plain_rest(ts: TorchServe, gw: Gateway, model: str) -> Send:
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {ts.api.keys['inference']}"
-    url = ts.url("inference", f"/predictions/{model}")
-    return lambda body: session.post(url, data=body, timeout=60).status_code == 200
+    poster = Poster(ts.url("inference"), ts.api.keys["inference"])
+
+    def send(body: bytes) -> str:
+        status, answer, _, _ = poster.post(f"/predictions/{model}", body)
+        return str(answer.get("label")) if status == 200 else f"HTTP {status}: {answer}"
+    return send
 
 
 def triton(module: Any, address: str, ts: TorchServe, model: str) -> Send:
     token = ts.api.keys["inference"]
     local = threading.local()  # tritonclient.http runs on gevent: a client serves only the thread that made it
 
-    def send(body: bytes) -> bool:
+    def send(body: bytes) -> str:
         client = getattr(local, "client", None) or module.InferenceServerClient(address)
         local.client = client
         inp = module.InferInput("image", [1], "BYTES")
         inp.set_data_from_numpy(np.array([body], dtype=object))
-        result = client.infer(model, [inp], headers={"authorization": f"Bearer {token}"})
-        return result.as_numpy("labels") is not None
+        label = client.infer(model, [inp], headers={"authorization": f"Bearer {token}"}).as_numpy("labels")[0][0]
+        return label.decode() if isinstance(label, bytes) else str(label)
     return send
 
 
@@ -66,34 +68,17 @@ PATHS: dict[str, Callable[[TorchServe, Gateway, str], Send]] = {
 }
 
 
-def closed_loop(senders: list[Send], bodies: list[bytes], seconds: float) -> tuple[int, list[float], list[str]]:
-    """Each sender in its own thread, as fast as answers come, for `seconds`: (answers, latencies, failures)."""
-    latencies: list[float] = []
-    failures: list[str] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def loop(send: Send, offset: int) -> None:
-        i = offset
-        while time.monotonic() < deadline:
-            t0 = time.perf_counter()
-            try:
-                error = "" if send(bodies[i % len(bodies)]) else "no labels in the answer"
-            except Exception as e:
-                error = f"{type(e).__name__}: {str(e)[:200]}"
-            with lock:
-                if error:
-                    failures.append(error)
-                else:
-                    latencies.append(time.perf_counter() - t0)
-            i += 1
-
-    threads = [threading.Thread(target=loop, args=(s, k)) for k, s in enumerate(senders)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(latencies), latencies, failures
+def measure(send: Send, bodies: list[bytes], labels: list[str], seconds: float, connections: int) -> Run:
+    """A closed loop (harness.correctness_load.drive); an answer counts only with plain REST's label."""
+    def one(i: int) -> Outcome:
+        started = time.monotonic()
+        try:
+            got = send(bodies[i % len(bodies)])
+        except Exception as e:
+            got = f"{type(e).__name__}: {str(e)[:200]}"
+        want = labels[i % len(bodies)]
+        return Outcome("good", 200, got == want, time.monotonic() - started, started, f"got {got}, want {want}")
+    return drive(one, seconds, connections)
 
 
 def main() -> None:
@@ -115,19 +100,20 @@ def main() -> None:
         with TorchServe(work / "ts", work / "store") as ts:
             ts.start(wait_for=["digits"])
             with Gateway(ts) as gw:
-                senders = {name: [make(ts, gw, "digits") for _ in range(args.connections)]
-                           for name, make in PATHS.items()}
-                for group in senders.values():  # warm every client and worker path
-                    closed_loop(group, bodies, 1.0)
+                senders = {name: make(ts, gw, "digits") for name, make in PATHS.items()}
+                labels = [senders["REST raw (TorchServe)"](b) for b in bodies]
+                for send in senders.values():  # warm every client and worker path
+                    measure(send, bodies, labels, 1.0, args.connections)
                 rounds: dict[str, list[dict[str, float]]] = {name: [] for name in PATHS}
                 for r in range(args.rounds):
-                    for name, group in senders.items():
-                        n, lat, failed = closed_loop(group, bodies, args.seconds)
-                        rounds[name].append({"rps": n / args.seconds, "p50_ms": 1000 * percentile(lat, 50),
-                                             "p99_ms": 1000 * percentile(lat, 99), "failed": len(failed)})
-                        if failed:
-                            print(f"  {len(failed)} failed, e.g. {failed[0]}", flush=True)
-                        print(f"round {r + 1}/{args.rounds} {name}: {n / args.seconds:.1f} req/s", flush=True)
+                    for name, send in senders.items():
+                        run = measure(send, bodies, labels, args.seconds, args.connections)
+                        good = len(run.outcomes) - len(run.errors())
+                        rounds[name].append({"rps": good / run.elapsed_s, "p50_ms": run.latency_ms(50),
+                                             "p99_ms": run.latency_ms(99), "failed": len(run.errors())})
+                        if run.errors():
+                            print(f"  {len(run.errors())} failed, e.g. {run.errors()[0].detail}", flush=True)
+                        print(f"round {r + 1}/{args.rounds} {name}: {rounds[name][-1]['rps']:.1f} req/s", flush=True)
     base = median(x["rps"] for x in rounds["REST raw (TorchServe)"])
     rows = {name: {"rps": median(x["rps"] for x in rs), "p50_ms": median(x["p50_ms"] for x in rs),
                    "p99_ms": median(x["p99_ms"] for x in rs), "failed": sum(x["failed"] for x in rs),

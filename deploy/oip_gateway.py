@@ -61,7 +61,7 @@ class GatewayError(Exception):
         self.message = message
 
 
-class TorchServe:
+class Upstream:
     """The upstream server: infer through the inference API, readiness and metadata through management."""
 
     def __init__(self, inference: str, management: str, key_file: Path) -> None:
@@ -182,7 +182,7 @@ def error_message(status: int, body: bytes) -> str:
 
 
 # --- REST ----------------------------------------------------------------------------------------------
-def rest_app(upstream: TorchServe) -> web.Application:
+def rest_app(upstream: Upstream) -> web.Application:
     def error(status: int, message: str) -> web.Response:
         return web.json_response({"error": message}, status=status)
 
@@ -284,7 +284,7 @@ def to_grpc(body: dict[str, Any]) -> pb.ModelInferResponse:
 
 
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, upstream: TorchServe) -> None:
+    def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
 
     @staticmethod
@@ -346,7 +346,7 @@ def address(value: str) -> tuple[str, int]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    upstream = TorchServe(args.inference, args.management, args.key_file)
+    upstream = Upstream(args.inference, args.management, args.key_file)
     await upstream.start()
     runner = web.AppRunner(rest_app(upstream), access_log=None)
     await runner.setup()

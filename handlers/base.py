@@ -233,7 +233,7 @@ class ModelHandler(BaseHandler):
             try:
                 headers = self.headers(idx)
                 protocol, body = protocols.detect(protocols.body_of(row), headers)
-                parsed = protocol.parse(body, headers, int(self.options["max_bytes"]))
+                parsed = protocol.parse(body, headers, self.served, int(self.options["max_bytes"]))
                 parsed.logits = parsed.logits or query_flag(row, "return_logits")
                 decoded = [self.decode(p) for payload in parsed.payloads for p in self.split_rows(payload)]
             except InputError as e:
@@ -290,11 +290,7 @@ class ModelHandler(BaseHandler):
             per_request.setdefault(it.request, []).append(self.respond(out, {"logits": parsed.logits}))
         for idx, results in per_request.items():
             protocol, parsed = requests[idx]  # type: ignore[misc]
-            try:
-                responses[idx] = protocol.respond(results, parsed, self.served)
-            except InputError as e:
-                responses[idx] = self.reject(idx, e, protocol)
-                continue
+            responses[idx] = protocol.respond(results, parsed, self.served)
             self.context.set_response_content_type(idx, "application/json")
         t3 = time.perf_counter()
         self.record_metrics(pre_ms + (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000, len(items))

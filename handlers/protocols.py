@@ -90,7 +90,7 @@ class Protocol:
 
     name: ClassVar[str]
 
-    def parse(self, body: Any, headers: dict[str, str], max_bytes: int) -> Parsed:
+    def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         """A request body -> its payloads."""
         raise NotImplementedError
 
@@ -108,9 +108,9 @@ class Raw(Protocol):
 
     name = "raw"
 
-    def parse(self, body: Any, headers: dict[str, str], max_bytes: int) -> Parsed:
+    def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         if body is None:
-            raise InputError("empty_body", "the request has no body")
+            raise InputError("empty_body", "the request has no body; send image bytes or JSON")
         if isinstance(body, (bytes, bytearray)) and len(body) > max_bytes:
             raise InputError("body_too_large", f"body is {len(body)} bytes; the limit is {max_bytes}", 413)
         if isinstance(body, (bytes, bytearray)) and DATA_URI.match(body[:256]):
@@ -118,7 +118,8 @@ class Raw(Protocol):
         if isinstance(body, str):
             if DATA_URI.match(body[:256].encode("ascii", "replace")):
                 return Parsed([decode_base64(body, max_bytes)])
-            raise InputError("unsupported_format", "got text that is neither JSON nor a data: URI", 415)
+            raise InputError("unsupported_format", "got text that is neither JSON nor a data: URI; send image "
+                             "bytes, base64 in JSON, or a data:image/...;base64 URI", 415)
         if isinstance(body, dict):
             return Parsed([json_payload(body, max_bytes)], logits=bool(body.get("return_logits", False)))
         return Parsed([body])
@@ -135,7 +136,7 @@ class KServeV1(Protocol):
 
     name = "v1"
 
-    def parse(self, body: Any, headers: dict[str, str], max_bytes: int) -> Parsed:
+    def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         instances = body["instances"]
         if not isinstance(instances, list) or not instances:
             raise InputError("bad_request", 'KServe v1 "instances" must be a non-empty list')
@@ -156,7 +157,7 @@ class OpenInference(Protocol):
 
     name = "v2"
 
-    def parse(self, body: Any, headers: dict[str, str], max_bytes: int) -> Parsed:
+    def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         binary = b""
         if isinstance(body, (bytes, bytearray)):  # the binary-data extension: a JSON header, then the tensors
             size = header_length(headers, len(body))
@@ -170,6 +171,10 @@ class OpenInference(Protocol):
                              "this model has one input")
         params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
         outputs = self.requested_outputs(body.get("outputs"))
+        unknown = [n for n in outputs or () if n not in model.outputs]
+        if unknown:  # refused before any decoding or inference is spent on it
+            raise InputError("unknown_output", f"outputs {unknown} are not served; this model answers "
+                             f"{list(model.outputs)}")
         request_id = body.get("id")
         return Parsed(input_payloads(inputs[0], binary, max_bytes),
                       logits=bool(params.get("return_logits")) or "logits" in (outputs or ()),
@@ -186,10 +191,6 @@ class OpenInference(Protocol):
     def respond(self, results: list[dict[str, Any]], parsed: Parsed, model: Model) -> Any:
         tensors = output_tensors(results)
         names = parsed.outputs or [n for n in tensors if n != "logits" or parsed.logits]
-        unknown = [n for n in names if n not in tensors]
-        if unknown:
-            raise InputError("unknown_output", f"outputs {unknown} are not served; this model answers "
-                             f"{list(model.outputs)}")
         response: dict[str, Any] = {"model_name": model.name, "model_version": model.version,
                                     "outputs": [tensors[n] for n in names]}
         if parsed.id is not None:

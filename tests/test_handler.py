@@ -127,6 +127,17 @@ def test_tensor_input_and_kserve_bodies(handler, tiny_splits, tiny_card) -> None
     assert v2["outputs"][0]["data"][0] == want and v2["outputs"][0]["shape"] == [1, 5]
 
 
+def test_an_unknown_oip_output_is_refused_in_the_protocols_error_form(handler, tiny_splits) -> None:
+    h, ctx = handler
+    png64 = base64.b64encode(encode_png(tiny_splits.test[0][0]).numpy().tobytes()).decode()
+    inputs = [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [png64]}]
+    results = call(h, ctx, [{"body": {"inputs": inputs, "outputs": [{"name": "saliency"}]}},
+                            {"body": {"inputs": inputs, "outputs": [{"name": "logits"}]}}])
+    (status, body), (ok, answer) = results
+    assert status == 400 and set(body) == {"error"} and body["error"].startswith("unknown_output:")
+    assert ok == 200 and [o["name"] for o in answer["outputs"]] == ["logits"]
+
+
 def test_logits_on_request_and_describe(handler, tiny_splits, tiny_card) -> None:
     h, ctx = handler
     png64 = base64.b64encode(encode_png(tiny_splits.test[2][0]).numpy().tobytes()).decode()
