@@ -14,7 +14,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import numpy as np
@@ -88,8 +88,6 @@ def as_json(body: Any) -> Any:
 class Protocol:
     """How one protocol reads a request and writes its answer and its errors."""
 
-    name: ClassVar[str]
-
     def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         """A request body -> its payloads."""
         raise NotImplementedError
@@ -105,8 +103,6 @@ class Protocol:
 
 class Raw(Protocol):
     """TorchServe's own bodies: image bytes, a data: URI, {"data"|"image"|"b64": base64 or tensor}, or a tensor."""
-
-    name = "raw"
 
     def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         if body is None:
@@ -134,8 +130,6 @@ class Raw(Protocol):
 class KServeV1(Protocol):
     """KServe v1: {"instances": [...]} -> {"predictions": [...]}."""
 
-    name = "v1"
-
     def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         instances = body["instances"]
         if not isinstance(instances, list) or not instances:
@@ -154,8 +148,6 @@ class OpenInference(Protocol):
     `logits` (FP32, [n, classes]) when named in "outputs" or asked by the `return_logits` parameter;
     regression models answer `values` (FP32, [n, d]).
     """
-
-    name = "v2"
 
     def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         binary = b""
