@@ -19,11 +19,11 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import protocols
+from handlers import machine, protocols
 from handlers.contract import ModelCard
 from handlers.errors import InputError
-from handlers.loading import load_model
 from handlers.protocols import Parsed, Protocol
+from handlers.runtimes import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ DEFAULTS: dict[str, Any] = {
     "topk": 5,
     "max_bytes": 8 * 1024 * 1024,  # per item, after base64 decoding
     "max_pixels": 40_000_000,  # declared width x height, checked before decoding
-    "compile": False,  # torch.compile the model (eager runtime only)
     "amp": "none",  # "bf16" | "fp16" autocast on GPU
     "gpu_decode": False,  # nvjpeg JPEG decoding on GPU workers
     "threads": "auto",  # torch intra-op threads per worker; auto: this machine's cores / maxWorkers
@@ -80,13 +79,10 @@ class ModelHandler(BaseHandler):
         self.device = self.pick_device(props.get("gpu_id"))
         self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
         torch.set_num_threads(self.threads)
-        self.model = load_model(self.model_dir, self.card, self.device)
-        if self.options["compile"]:
-            if self.card.runtime != "eager":
-                raise ValueError(f"handler option compile: true needs the eager runtime (a state_dict), but this "
-                                 f"archive's artifact is {self.card.runtime}; set compile: false in "
-                                 "model-config.yaml or package the variant's checkpoint")
-            self.model = torch.compile(self.model)
+        started = time.perf_counter()
+        self.model = load_model(self.model_dir, self.card, self.device, self.threads)
+        loaded = time.perf_counter()
+        self.elsewhere = self.machine_check()
         model_info = (self.manifest or {}).get("model", {})
         self.model_name = model_info.get("modelName", self.card.name)
         self.version = model_info.get("modelVersion") or self.card.version
@@ -94,9 +90,12 @@ class ModelHandler(BaseHandler):
         self.served = protocols.Model(self.model_name, self.version, self.outputs())
         self.setup()
         self.warm_up()
+        # A compile runtime compiles during the warm-up: start-up cost, reported rather than hidden.
+        self.startup = {"load_s": round(loaded - started, 3), "warm_up_s": round(time.perf_counter() - loaded, 3)}
         self.initialized = True
-        logger.info("%s %s (%s) ready on %s, %d torch threads", self.model_name, self.version, self.card.variant,
-                    self.device, self.threads)
+        logger.info("%s %s (%s, %s %s) ready on %s, %d threads, start-up %s", self.model_name, self.version,
+                    self.card.variant, self.card.runtime, self.card.precision, self.device, self.threads,
+                    self.startup)
 
     # --- hooks for subclasses -------------------------------------------------------------
     def setup(self) -> None:
@@ -141,6 +140,9 @@ class ModelHandler(BaseHandler):
 
     # --- device, warm-up ------------------------------------------------------------------
     def pick_device(self, gpu_id: int | None) -> torch.device:
+        if self.card.cuda_only and (gpu_id is None or not torch.cuda.is_available()):
+            raise ValueError(f"variant {self.card.variant} ({self.card.runtime}) runs on CUDA only, and this worker "
+                             "has no GPU; serve it on a GPU host, or package a CPU variant")
         if gpu_id is None or not torch.cuda.is_available():
             return torch.device("cpu")
         if self.card.cpu_only:
@@ -158,6 +160,16 @@ class ModelHandler(BaseHandler):
             raise ValueError(f"handler option threads must be a positive integer or 'auto', got {value!r}; "
                              "fix it in model-config.yaml and rebuild the archive")
         return value
+
+    def machine_check(self) -> list[str]:
+        """How this machine differs from the one the variant was timed and picked on (warned, not refused)."""
+        speed = self.card.metrics.speed or {}
+        elsewhere = machine.differences(speed["machine"]) if "machine" in speed else []
+        if elsewhere:
+            logger.warning("variant %s was timed and picked on another machine (%s); its speed here may differ: "
+                           "re-run python -m training.optimize --pick on this machine", self.card.variant,
+                           "; ".join(elsewhere))
+        return elsewhere
 
     def amp_dtype(self) -> torch.dtype | None:
         if self.device.type != "cuda":
@@ -332,6 +344,10 @@ class ModelHandler(BaseHandler):
                 "version": self.version,
                 "device": str(self.device),
                 "threads": self.threads,
+                "runtime": self.card.runtime,
+                "precision": self.card.precision,
+                "startup": self.startup,
+                "picked_elsewhere": self.elsewhere,
                 "batch_size": self.batch_size,
                 "accepts": self.accepts,
                 "input_shape": list(self.input_shape()),

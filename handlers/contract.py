@@ -32,8 +32,13 @@ GOLDEN_FILE = "golden.json"
 MANIFEST_FILE = "manifest.json"
 KEY_FILE = "key_file.json"  # written by TorchServe in the directory it was started from
 
-# How an artifact is run, and the file each runtime's artifact has by default.
-RUNTIMES = {"eager": STATE_DICT_FILE, "torchscript": TORCHSCRIPT_FILE, "export": EXPORTED_FILE}
+# How an artifact is run (handlers/runtimes.py), and the file each runtime's artifact has by default.
+RUNTIMES = {"eager": STATE_DICT_FILE, "compile": STATE_DICT_FILE, "torchscript": TORCHSCRIPT_FILE,
+            "export": EXPORTED_FILE, "aoti": "model.aoti.pt2", "onnxruntime": "model.onnx", "openvino": "model.xml",
+            "tensorrt": "model.trt.pt2"}
+# Files a runtime reads beside its artifact: suffix -> what it holds.
+COMPANIONS = {"openvino": (".bin",)}  # the IR's weights
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 TASKS = ("classification", "regression")
 REBUILD_HINT = ("recreate it with python -m training.train (or the command that made this variant), "
                 "then rebuild the archive with build_mar.sh")
@@ -150,7 +155,9 @@ class ModelCard:
     recipe: Recipe
     task: str = "classification"
     checkpoint: str | None = None  # float state_dict beside the artifact, when build_model(architecture) loads it
-    cpu_only: bool = False  # int8 kernels run on CPU only: packaged with deviceType cpu
+    precision: str = "fp32"  # what the runtime computes in: fp32, bf16, fp16 or int8
+    cpu_only: bool = False  # int8 kernels, ONNX Runtime and OpenVINO here run on CPU only: deviceType cpu
+    cuda_only: bool = False  # TensorRT engines and CUDA AOTInductor packages: deviceType gpu
     parent: ParentRecord | None = None  # None for a trained parent
     metrics: Metrics = Metrics()
     data: DataRecord | None = None  # None for models trained elsewhere
@@ -167,6 +174,10 @@ class ModelCard:
                             f"{SCHEMA_VERSION}")
         if self.runtime not in RUNTIMES:
             raise CardError(f"field 'runtime' is {self.runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        if self.precision not in PRECISIONS:
+            raise CardError(f"field 'precision' is {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.cpu_only and self.cuda_only:
+            raise CardError("fields 'cpu_only' and 'cuda_only' are both true; a variant runs on one or the other")
         if self.task not in TASKS:
             raise CardError(f"field 'task' is {self.task!r}; expected one of {', '.join(TASKS)}")
         if not self.labels:
@@ -175,6 +186,12 @@ class ModelCard:
             value = getattr(self, name)
             if value is not None and (not value or Path(value).name != value):
                 raise CardError(f"field '{name}' must be a file name inside the model directory, got {value!r}")
+
+    @property
+    def files(self) -> list[str]:
+        """The artifact and the files its runtime reads beside it, all in the model directory."""
+        stem = Path(self.artifact).stem
+        return [self.artifact, *(stem + suffix for suffix in COMPANIONS.get(self.runtime, ()))]
 
     @property
     def num_classes(self) -> int:

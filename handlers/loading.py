@@ -1,7 +1,5 @@
-"""Load the artifact a model card names: TorchScript, torch.export (.pt2) or a state_dict run eagerly.
-
-Shared by the served handler and by offline evaluation, so both run the same artifact.
-"""
+"""Build a torchvision model and load a float state_dict into it, weights only; shared by training and the
+handler's eager runtimes."""
 
 from __future__ import annotations
 
@@ -11,9 +9,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-
-from handlers.contract import ModelCard
-from handlers.deprecations import known_deprecations
 
 
 def architectures() -> list[str]:
@@ -92,20 +87,3 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors; save "
                          "model.state_dict() rather than the model or a training checkpoint")
     return state
-
-
-def load_model(model_dir: Path, card: ModelCard, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The artifact the card names in `model_dir`, in eval mode on `device`."""
-    path = Path(model_dir) / card.artifact
-    if not path.is_file():
-        raise FileNotFoundError(f"model artifact {path} (runtime {card.runtime}) not found")
-    if card.runtime == "torchscript":
-        with known_deprecations():
-            model = torch.jit.load(str(path), map_location=device)
-    elif card.runtime == "export":
-        # Exported programs are already in inference form; .eval() is not allowed on them.
-        return torch.export.load(str(path)).module().to(device)
-    else:  # eager: the card validated the runtime
-        model = model_from_state_dict(card.architecture, card.num_classes, load_state_dict(path)).to(device)
-    model.eval()
-    return model

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from handlers.contract import EvalSummary, ModelCard
 from handlers.imaging import Normalizer
-from handlers.loading import load_model
+from handlers.runtimes import load_model
 from training.data import Splits, load_splits, loader
 
 
@@ -43,7 +44,7 @@ def splits_for(card: ModelCard, input_size: int | None = None) -> Splits:
 
 @torch.inference_mode()
 def predict(
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
     mean: list[float] | None,
     std: list[float] | None,
@@ -115,9 +116,11 @@ def summary(result: dict[str, Any]) -> EvalSummary:
 
 
 def evaluate_artifact(model_dir: Path, card: ModelCard, dataset: Dataset, split: str = "test",
-                      progress: bool = False) -> dict[str, Any]:
-    """The artifact the card names, loaded from disk as it will be served, on `dataset`; report written beside it."""
-    model = load_model(model_dir, card)
+                      progress: bool = False, model: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> dict[str, Any]:
+    """The artifact the card names, loaded from disk as it will be served (or `model`, already loaded from there),
+    on `dataset`; report written beside it."""
+    model = load_model(model_dir, card) if model is None else model
     logits, labels = predict(model, dataset, card.input.mean, card.input.std, progress=progress)
     result = classification_metrics(logits, labels, card.labels)
     title = f"{card.architecture} {card.variant} - {split} top-1 {100 * result['top1']:.2f}%"

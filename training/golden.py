@@ -72,7 +72,7 @@ def build(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
     """The golden set for `model_dir`, with the accuracy its own artifact scores on exactly these images."""
     from torch.utils.data import Subset
 
-    from handlers.loading import load_model
+    from handlers.runtimes import load_model
     from training.evaluate import predict, splits_for
 
     card = ModelCard.read(model_dir)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from handlers.contract import CardError, ModelCard
-from handlers.loading import load_model
+from handlers.runtimes import load_model
 from training import gate, speed
 from training.export import ParityError
 from training.technique import Technique, add_options, build, describe, load_parent, parent_record, variant_dir

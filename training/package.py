@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from handlers import machine
 from handlers.contract import MANIFEST_FILE, ModelCard, sha256
 from training import golden
 
@@ -53,12 +54,25 @@ def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | 
     if not config.is_file():
         raise FileNotFoundError(f"model config {config} not found; start from handlers/model-config.yaml")
     cfg = yaml.safe_load(config.read_text()) or {}
+    missing = [name for name in card.files[1:] if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir / missing[0]} ({card.runtime} reads it beside {card.artifact}) not "
+                                f"found; rebuild the variant {card.variant}")
     if card.cpu_only:
         if device == "gpu":
-            raise ValueError(f"variant {card.variant} is CPU-only (int8 kernels do not run on CUDA); "
+            raise ValueError(f"variant {card.variant} ({card.runtime}, {card.precision}) is CPU-only; "
                              "build it with --device cpu or auto")
         device = "cpu"
         print(f"note: variant {card.variant} is CPU-only, packaged with deviceType: cpu", file=sys.stderr)
+    if card.cuda_only:
+        if device == "cpu":
+            raise ValueError(f"variant {card.variant} ({card.runtime}) runs on CUDA only; build it with "
+                             "--device gpu or auto")
+        device = "gpu"
+    elsewhere = machine.differences((card.metrics.speed or {}).get("machine", {}))
+    if elsewhere:
+        print(f"warning: variant {card.variant} was timed and picked on another machine ({'; '.join(elsewhere)}); "
+              "the worker logs this again at start-up", file=sys.stderr)
     cfg["deviceType"] = "gpu" if device == "auto" else device
     if version:
         card = card.replace(version=version)
@@ -67,6 +81,8 @@ def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | 
     for src in sorted((ROOT / "handlers").glob("*.py")):
         shutil.copy2(src, extra / "handlers" / src.name)
     card.write(extra)
+    for name in card.files[1:]:  # the artifact itself is the archiver's --serialized-file
+        shutil.copy2(model_dir / name, extra / name)
     if card.data is not None:  # image models trained here: held-out images + build-time accuracy, for the canary
         golden.write(model_dir, extra)
     (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from handlers.contract import CardError, ModelCard, Profile
 from handlers.deprecations import known_deprecations
-from handlers.loading import load_model
+from handlers.runtimes import load_model
 from training.stats import percentile
 
 

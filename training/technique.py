@@ -37,9 +37,10 @@ from handlers.contract import (
 )
 from handlers.deprecations import known_deprecations
 from handlers.loading import load_state_dict, model_from_state_dict
+from handlers.runtimes import Predictor, load_model
 from training.data import Splits
 from training.evaluate import evaluate_artifact, splits_for, summary
-from training.export import ParityError, check_parity, to_torchscript
+from training.export import ParityError, Tolerance, check_parity, to_torchscript
 from training.speed import profile
 
 VARIANTS_DIR = "variants"
@@ -91,28 +92,97 @@ class Transformed:
     keep_checkpoint: bool = False  # save float_model's state_dict (it must load into build_model(architecture))
     architecture: str | None = None  # default: the source's
     export_method: str = "script"
-    tolerance: tuple[float, float] = (1e-3, 1e-3)  # parity (atol, rtol) of the export against `model`
+    precision: str = "fp32"  # what the artifact computes in
+    tolerance: Tolerance = Tolerance()  # parity of the saved artifact against `model`
     training: dict[str, Any] | None = None  # a fine-tune or a student's training run
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Exported:
+    """The artifact a technique wrote, and how."""
+
+    artifact: str  # file name in the variant directory
+    runtime: str  # one of handlers.contract.RUNTIMES
+    method: str  # recorded in the card's export record
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class Technique:
-    """Subclasses set the class attributes and implement transform."""
+    """Subclasses set the class attributes and implement transform (and export, for another runtime)."""
 
     name: str  # the variant it makes: <parent>/variants/<name>
     recipe: str  # recorded as recipe.technique
     options: tuple[Option, ...] = ()
     stacks_on: str | None = None  # a float variant it starts from instead of the parent
     cpu_only: bool = False
+    cuda_only: bool = False
+    parity_hint = "try --method trace, or report the architecture as unsupported for TorchScript"
 
     def transform(self, source: Source, args: argparse.Namespace) -> Transformed:
         """The source model -> the transformed eager model, and what to record about it."""
         raise NotImplementedError
 
+    def export(self, t: Transformed, source: Source, out: Path, args: argparse.Namespace) -> Exported:
+        """Write the artifact of t.model into `out`: frozen TorchScript unless the technique targets a runtime."""
+        scripted = to_torchscript(t.model, source.parent.input.image_size, t.export_method)
+        with known_deprecations():
+            torch.jit.save(scripted, str(out / TORCHSCRIPT_FILE))
+        return Exported(TORCHSCRIPT_FILE, "torchscript", f"torch.jit.{t.export_method}+freeze")
+
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
         """Held around transform, export and evaluation (e.g. warning filters of the technique's APIs)."""
         yield
+
+
+class NotSupportedHere(ValueError):
+    """The technique cannot run on this machine (no CUDA, no bf16 units, a GPU-only package missing)."""
+
+
+# Parity of a runtime's artifact against the float model it was made from, by the precision it computes in.
+# Lower precisions move logits, so they are held to a logit bound and a share of agreeing top-1 labels; what
+# that costs in accuracy is the gate's to judge, against the fp32 parent.
+RUNTIME_TOLERANCE = {"fp32": Tolerance(1e-3, 1e-3), "fp16": Tolerance(0.1, 0.02, 0.99),
+                     "bf16": Tolerance(0.5, 0.05, 0.99), "int8": Tolerance(1.5, 0.2, 0.97)}
+
+
+class RuntimeTechnique(Technique):
+    """The float source (the parent, or the float variant it stacks on) run by another runtime, in `precision`.
+
+    transform passes the source through unchanged; export writes the runtime's artifact (quantizing it there
+    for int8), and build checks it against the source within RUNTIME_TOLERANCE[precision].
+    """
+
+    runtime: str
+    recipes: dict[str, str]  # precision -> recipe.technique
+    parity_hint = "the runtime computes this model differently; report the architecture as unsupported by it"
+
+    def __init__(self, name: str, stacks_on: str | None = None, precision: str = "fp32") -> None:
+        self.name = name
+        self.stacks_on = stacks_on
+        self.precision = precision
+        self.recipe = self.recipes[precision]
+
+    def recipe_args(self, source: Source, args: argparse.Namespace) -> dict[str, Any]:
+        """What the recipe records beyond the runtime and precision (e.g. calibration)."""
+        return {}
+
+    def transform(self, source: Source, args: argparse.Namespace) -> Transformed:
+        recipe = {"runtime": self.runtime, "precision": self.precision, **self.recipe_args(source, args)}
+        return Transformed(source.model, recipe, source.model, precision=self.precision,
+                           tolerance=RUNTIME_TOLERANCE[self.precision])
+
+
+def stacked(technique: type[RuntimeTechnique], precisions: Sequence[str],
+            sources: Sequence[str | None] = (None, "pruned", "distilled")) -> list[RuntimeTechnique]:
+    """One technique per (float source, precision): onnxruntime, pruned_onnxruntime_int8, ..."""
+    out = []
+    for source in sources:
+        for precision in precisions:
+            name = "_".join(p for p in (source, technique.runtime, None if precision == "fp32" else precision) if p)
+            out.append(technique(name, source, precision))
+    return out
 
 
 def variant_dir(parent_dir: Path, variant: str) -> Path:
@@ -161,51 +231,71 @@ def parent_record(parent_dir: Path, card: ModelCard) -> ParentRecord:
 
 
 def build(parent_dir: Path, technique: Technique, args: argparse.Namespace, name: str | None = None) -> ModelCard:
-    """Make the technique's variant of the parent in <parent>/variants/<name> and return its card."""
+    """Make the technique's variant of the parent in <parent>/variants/<name> and return its card.
+
+    The variant is written to a hidden staging directory, loaded back through its runtime as the handler will
+    load it, checked for parity and evaluated there, and only then moved into place: a failed step leaves the
+    previous variant (if any) untouched.
+    """
     parent_dir = Path(parent_dir)
     name = name or technique.name
     source = load_source(parent_dir, technique.stacks_on)
     parent = source.parent
-    with technique.scope():
-        t = technique.transform(source, args)
-        scripted = to_torchscript(t.model, parent.input.image_size, t.export_method)
-        parity = check_parity(t.model, scripted, source.splits.test, parent, *t.tolerance)
-        out = variant_dir(parent_dir, name)
-        if out.exists():
-            shutil.rmtree(out)  # a variant is always rebuilt whole, never half-updated
-        out.mkdir(parents=True)
-        with known_deprecations():
-            torch.jit.save(scripted, str(out / TORCHSCRIPT_FILE))
-        stacked = ({"source": {"variant": source.card.variant, "top1": source.card.test.top1,
-                               "recipe": {"technique": source.card.recipe.technique,
-                                          "args": source.card.recipe.args}}} if technique.stacks_on else {})
-        card = parent.replace(
-            variant=name,
-            recipe=Recipe(technique.recipe, {**t.args, **stacked}),
-            parent=parent_record(parent_dir, parent),
-            runtime="torchscript",
-            artifact=TORCHSCRIPT_FILE,
-            checkpoint=None,
-            cpu_only=technique.cpu_only,
-            architecture=t.architecture or source.card.architecture,
-            export={"method": f"torch.jit.{t.export_method}+freeze", "parity": parity},
-            training=t.training if t.training is not None else source.card.training,
-            details=t.details,
-            profile=profile(t.float_model, parent.input.image_size),
-            metrics=Metrics(),
-            git_commit=git_commit(),
-        )
-        if t.keep_checkpoint:
-            state = {k: v.detach().cpu() for k, v in t.float_model.state_dict().items()}
-            model_from_state_dict(card.architecture, card.num_classes, state)  # raises if it would not load back
-            torch.save(state, out / STATE_DICT_FILE)
-            card = card.replace(checkpoint=STATE_DICT_FILE)
-        # Evaluate the artifact as it will be served: loaded back from disk, not the object in memory.
-        with known_deprecations():
-            result = evaluate_artifact(out, card, source.splits.test)
-        card = card.replace(metrics=Metrics(test=summary(result)))
-        card.write(out)
+    out = variant_dir(parent_dir, name)
+    staging = out.with_name(f".{name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with technique.scope():
+            t = technique.transform(source, args)
+            exported = technique.export(t, source, staging, args)
+            stacked = ({"source": {"variant": source.card.variant, "top1": source.card.test.top1,
+                                   "recipe": {"technique": source.card.recipe.technique,
+                                              "args": source.card.recipe.args}}} if technique.stacks_on else {})
+            card = parent.replace(
+                variant=name,
+                recipe=Recipe(technique.recipe, {**t.args, **stacked}),
+                parent=parent_record(parent_dir, parent),
+                runtime=exported.runtime,
+                artifact=exported.artifact,
+                precision=t.precision,
+                checkpoint=None,
+                cpu_only=technique.cpu_only,
+                cuda_only=technique.cuda_only,
+                architecture=t.architecture or source.card.architecture,
+                training=t.training if t.training is not None else source.card.training,
+                details=t.details,
+                profile=profile(t.float_model, parent.input.image_size),
+                metrics=Metrics(),
+                git_commit=git_commit(),
+            )
+            if t.keep_checkpoint:
+                state = {k: v.detach().cpu() for k, v in t.float_model.state_dict().items()}
+                model_from_state_dict(card.architecture, card.num_classes, state)  # raises if it would not load back
+                torch.save(state, staging / STATE_DICT_FILE)
+                card = card.replace(checkpoint=STATE_DICT_FILE)
+            # Parity and evaluation run the artifact as it will be served: loaded back from disk by its runtime.
+            with known_deprecations():
+                device = torch.device("cuda" if card.cuda_only else "cpu")
+                served = on_cpu(load_model(staging, card, device), device)
+                parity = check_parity(t.model, served, source.splits.test, parent, t.tolerance, technique.parity_hint)
+                card = card.replace(export={"method": exported.method, "parity": parity, **exported.details})
+                result = evaluate_artifact(staging, card, source.splits.test, model=served)
+            card = card.replace(metrics=Metrics(test=summary(result)))
+            card.write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)  # a variant is always replaced whole, never half-updated
+    staging.rename(out)
     return card
+
+
+def on_cpu(model: Predictor, device: torch.device) -> Predictor:
+    """CPU batches in and logits out, wherever the model runs (a CUDA-only artifact gets its batches moved)."""
+    if device.type == "cpu":
+        return model
+    return lambda x: model(x.to(device)).float().cpu()
 
 
 def describe(card: ModelCard) -> str:

@@ -16,6 +16,7 @@ import copy
 import torch
 from torch.fx.experimental.optimization import fuse
 
+from training.export import Tolerance
 from training.technique import Source, Technique, Transformed, run_cli
 
 
@@ -42,7 +43,7 @@ class Bf16(Technique):
         # bf16 keeps 8 bits of mantissa: logits move by ~1e-2 vs fp32, so the export is compared with the bf16
         # model it came from (same rounding) at a bf16 tolerance, and the gate judges top-1 vs fp32.
         return Transformed(wrapped, {"dtype": "bfloat16", "io": "float32 in, float32 out"}, source.model,
-                           tolerance=(5e-2, 5e-2))
+                           precision="bf16", tolerance=Tolerance(5e-2, 5e-2))
 
 
 BF16 = Bf16()

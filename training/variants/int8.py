@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from training.data import Splits
+from handlers.imaging import Normalizer
+from training.data import Splits, loader
 from training.evaluate import predict
 from training.speed import any_algorithms
 from training.technique import Option, Source, Technique, Transformed, run_cli
@@ -63,6 +64,20 @@ def calibration_subset(splits: Splits, images: int, seed: int = 0) -> Subset:
     n = len(splits.train)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(images, n)]
     return Subset(splits.train, sorted(order.tolist()))
+
+
+CALIBRATION = Option("--calibration-images", 512, "int8: training images to calibrate activation ranges on")
+
+
+def calibration_batches(source: Source, args: argparse.Namespace, batch_size: int = 1) -> list[Any]:
+    """Normalized float32 numpy batches of the calibration images, for runtimes that quantize their own graph."""
+    normalize = Normalizer(source.parent.input.mean, source.parent.input.std)
+    subset = calibration_subset(source.splits, args.calibration_images, args.seed)
+    return [normalize(images).contiguous().numpy() for images, _ in loader(subset, batch_size)]
+
+
+def calibration_record(args: argparse.Namespace, images: int) -> dict[str, Any]:
+    return {"split": "train", "images": images, "seed": args.seed, "augment": False}
 
 
 def static_int8(model: torch.nn.Module, calibration: Subset, input_size: int, mean: list[float] | None,
@@ -100,7 +115,7 @@ class Int8(Technique):
     recipe = "static_int8_quantization"
     cpu_only = True
     options = (
-        Option("--calibration-images", 512, "int8: training images to calibrate activation ranges on"),
+        CALIBRATION,
         Option("--int8-backend", "x86", "int8: quantized engine", ("x86", "fbgemm", "onednn", "qnnpack")),
     )
 
@@ -132,14 +147,13 @@ class Int8(Technique):
             recipe = {"api": "torch.ao.quantization FX (prepare_fx/convert_fx)", "backend": args.int8_backend,
                       "qconfig_mapping": f"get_default_qconfig_mapping({args.int8_backend!r})",
                       "weights": "int8 per-channel", "activations": "uint8 per-tensor, histogram observer",
-                      "calibration": {"split": "train", "images": len(calibration), "seed": args.seed,
-                                      "augment": False}}
+                      "calibration": calibration_record(args, len(calibration))}
             method = "trace"  # FX GraphModules trace cleanly; the graph is static after conversion
         n_int8 = int8_weights(quantized)
         print(f"{self.name}: {'dynamic' if self.dynamic else 'static'} int8, {n_int8} int8 weight tensors; CPU-only")
         # The export runs the very same quantized kernels, so it must match the quantized model tightly (the
         # default tolerance); the accuracy cost against fp32 is the gate's job.
-        return Transformed(quantized, recipe, source.model, export_method=method,
+        return Transformed(quantized, recipe, source.model, export_method=method, precision="int8",
                            details={"int8_weight_tensors": n_int8,
                                     "notes": "quantized kernels run on CPU only (x86 fbgemm/oneDNN); deviceType cpu"})
 

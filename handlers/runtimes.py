@@ -1,0 +1,160 @@
+"""The runtimes an artifact can run on, behind one small interface: float32 NCHW batch in, float32 logits out.
+
+    eager        state_dict loaded into build_model(architecture)
+    compile      the same, through torch.compile (Inductor); the compile is paid at the handler's warm-up
+    torchscript  frozen TorchScript (torch.jit, deprecated in torch 2.14 but still the common format)
+    export       a torch.export ExportedProgram (.pt2)
+    aoti         an AOTInductor package (.pt2) compiled ahead of time for CPU or CUDA
+    onnxruntime  an ONNX graph on ONNX Runtime's CPU execution provider (fp32, or int8 QDQ)
+    openvino     an OpenVINO IR (.xml + .bin) on its CPU plugin (fp32, bf16 where the CPU has it, or int8)
+    tensorrt     a Torch-TensorRT ExportedProgram (CUDA only)
+
+Each runtime imports its package only when an artifact needs it, so an archive of one runtime never pays for
+another's import, and a machine without openvino can still serve TorchScript.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handlers.contract import ModelCard
+from handlers.deprecations import known_deprecations
+from handlers.loading import load_state_dict, model_from_state_dict
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Runtime:
+    """How one kind of artifact is loaded. Subclasses set `devices` and implement `load`."""
+
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        """The artifact at `path`, ready to call on batches on `device` with `threads` intra-op threads."""
+        raise NotImplementedError
+
+
+class Eager(Runtime):
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        model = model_from_state_dict(card.architecture, card.num_classes, load_state_dict(path))
+        return model.to(device).eval()
+
+
+class Compiled(Eager):
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        # freezing folds weights into constants and lets Inductor pre-pack them for oneDNN on CPU;
+        # dynamic=True compiles one graph for every batch size above 1 rather than one per size.
+        return torch.compile(super().load(path, card, device, threads), dynamic=True, options={"freezing": True})
+
+
+class TorchScript(Runtime):
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        with known_deprecations():
+            return torch.jit.load(str(path), map_location=device).eval()
+
+
+class Export(Runtime):
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        # Exported programs are already in inference form; .eval() is not allowed on them.
+        return torch.export.load(str(path)).module().to(device)
+
+
+class AOTInductor(Runtime):
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        from torch._inductor import aoti_load_package
+
+        compiled_for = "cuda" if card.cuda_only else "cpu"
+        if device.type != compiled_for:
+            raise ValueError(f"this AOTInductor package was compiled for {compiled_for}, not {device.type}; "
+                             f"build the {'aoti' if device.type == 'cpu' else 'aoti_cuda'} variant for it")
+        try:
+            return aoti_load_package(str(path), device_index=device.index if device.index is not None else -1)
+        except (RuntimeError, pickle.UnpicklingError, OSError) as e:
+            raise ValueError(f"cannot load AOTInductor package {path} ({str(e).strip()[:200]}); packages run only "
+                             f"with the torch {torch.__version__.split('+')[0]} they were compiled with: rebuild "
+                             "the variant on this install") from e
+
+
+class NumpyPredictor:
+    """A runtime that takes and returns numpy arrays, called like a torch model."""
+
+    def __init__(self, run: Callable[[Any], Any]) -> None:
+        self.run = run
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(batch.detach().cpu().float().contiguous().numpy()))
+
+
+class OnnxRuntime(Runtime):
+    devices = ("cpu",)
+
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # the worker's share of the cores, as for torch
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return NumpyPredictor(lambda x: session.run(None, {name: x})[0])
+
+
+# The OpenVINO inference precision each card precision asks for; int8 IR keeps the plugin's default for the
+# layers NNCF left in float (bf16 on CPUs with bf16 units, f32 elsewhere).
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": None}
+
+
+def openvino_config(precision: str, threads: int) -> dict[str, Any]:
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if OPENVINO_PRECISION.get(precision):
+        config["INFERENCE_PRECISION_HINT"] = OPENVINO_PRECISION[precision]
+    return config
+
+
+class OpenVINO(Runtime):
+    devices = ("cpu",)
+
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        import openvino
+
+        if card.precision not in OPENVINO_PRECISION:
+            raise ValueError(f"OpenVINO variants run fp32, bf16 or int8, not {card.precision!r}")
+        compiled = openvino.Core().compile_model(str(path), "CPU", openvino_config(card.precision, threads))
+        request = compiled.create_infer_request()
+        return NumpyPredictor(lambda x: request.infer({0: x})[0])
+
+
+class TensorRT(Runtime):
+    devices = ("cuda",)
+
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops the program calls)
+
+        return torch.export.load(str(path)).module().to(device)
+
+
+RUNTIMES: dict[str, Runtime] = {"eager": Eager(), "compile": Compiled(), "torchscript": TorchScript(),
+                                "export": Export(), "aoti": AOTInductor(), "onnxruntime": OnnxRuntime(),
+                                "openvino": OpenVINO(), "tensorrt": TensorRT()}
+
+
+def load_model(model_dir: Path, card: ModelCard, device: torch.device | str = "cpu",
+               threads: int | None = None) -> Predictor:
+    """The artifact the card names in `model_dir`, ready to run on `device`."""
+    device = torch.device(device)
+    path = Path(model_dir) / card.artifact
+    for name in card.files:
+        if not (Path(model_dir) / name).is_file():
+            raise FileNotFoundError(f"{Path(model_dir) / name} (runtime {card.runtime}) not found; rebuild the "
+                                    f"variant {card.variant} and its archive")
+    runtime = RUNTIMES[card.runtime]
+    if device.type not in runtime.devices:
+        raise ValueError(f"runtime {card.runtime} runs on {' or '.join(runtime.devices)}, not {device.type}; "
+                         f"package variant {card.variant} with --device "
+                         f"{'cpu' if 'cpu' in runtime.devices else 'gpu'}")
+    return runtime.load(path, card, device, threads or torch.get_num_threads())
