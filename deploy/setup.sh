@@ -7,12 +7,15 @@ command -v java >/dev/null || { echo "error: java not found; TorchServe needs Ja
 PY="${PYTHON:-python3}"
 "$PY" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null || { echo "error: $PY must be Python >= 3.10" >&2; exit 1; }
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+# GPU hosts also get requirements-gpu.txt (Torch-TensorRT for the tensorrt variant).
+files=(requirements.txt)
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then files+=(requirements-gpu.txt); fi
 stamp=.venv/.requirements.sha256
-want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+want="$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-  echo "installing requirements into .venv (torch is a ~5 GB download the first time)..."
+  echo "installing ${files[*]} into .venv (torch is a ~5 GB download the first time)..."
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.txt
+  .venv/bin/python -m pip install -q "${files[@]/#/-r}"
   echo "$want" > "$stamp"
 fi
 # TorchServe's gRPC stubs from the installed jar (deploy/ts_grpc/, gitignored); a no-op when already current.
