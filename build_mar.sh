@@ -3,6 +3,7 @@
 #
 #   ./build_mar.sh artifacts/resnet18                          # name and version from metadata.json
 #   ./build_mar.sh artifacts/resnet18/variants/int8 --name digits_int8 --version 1.1
+#   ./build_mar.sh artifacts/resnet18 --pick throughput          # the variant training.optimize --pick chose
 #
 # Steps: check inputs -> accuracy gate -> stage metadata + handlers + model-config.yaml
 #        -> torch-model-archiver -> record sha256 in model_store/manifest.json
@@ -15,6 +16,8 @@ usage: build_mar.sh MODEL_DIR [options]
   --name NAME        model name to serve under (default: "name" in metadata.json)
   --version V        archive version (default: "version" in metadata.json)
   --archive FILE     archive file name without .mar (default: NAME)
+  --pick KIND        package the variant of MODEL_DIR that python -m training.optimize MODEL_DIR --pick
+                     chose on this machine: latency | throughput | lossless
   --handler NAME     handler module in handlers/ (default: image_classifier)
   --config FILE      model-config.yaml to pack (default: handlers/model-config.yaml)
   --device D         auto|cpu|gpu deviceType (default auto: gpu, or cpu for CPU-only variants)
@@ -26,13 +29,14 @@ EOF
 die() { echo "error: $*" >&2; exit 1; }
 
 MODEL_DIR="" NAME="" VERSION="" ARCHIVE="" HANDLER="image_classifier" CONFIG="$ROOT/handlers/model-config.yaml"
-DEVICE="auto" BUDGET="0.5" STORE="$ROOT/model_store" FORCE=0
+DEVICE="auto" BUDGET="0.5" STORE="$ROOT/model_store" FORCE=0 PICK=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) NAME="$2"; shift 2 ;;
     --version) VERSION="$2"; shift 2 ;;
     --archive) ARCHIVE="$2"; shift 2 ;;
     --handler) HANDLER="$2"; shift 2 ;;
+    --pick) PICK="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
@@ -50,6 +54,11 @@ if [[ -x "$ROOT/.venv/bin/python" && -z "${VIRTUAL_ENV:-}" ]]; then export PATH=
 command -v torch-model-archiver >/dev/null || die "torch-model-archiver not found; run: pip install -r requirements.txt"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+if [[ -n "$PICK" ]]; then
+  [[ -d "$MODEL_DIR" ]] || die "$MODEL_DIR not found; --pick takes the trained parent directory"
+  MODEL_DIR="$(python -m training.package pick "$MODEL_DIR" "$PICK")" || exit 1
+  echo "pick '$PICK': $MODEL_DIR"
+fi
 [[ -d "$MODEL_DIR" ]] || die "$MODEL_DIR not found; train it with: python -m training.train --out $MODEL_DIR"
 [[ -f "$MODEL_DIR/metadata.json" ]] || die "$MODEL_DIR/metadata.json not found; make it with: python -m training.train --out $MODEL_DIR"
 [[ -f "$ROOT/handlers/$HANDLER.py" ]] || die "handler handlers/$HANDLER.py not found; pick one of: $(cd "$ROOT/handlers" && ls ./*.py | xargs -n1 basename | sed 's/\.py$//' | tr '\n' ' ')"

@@ -11,7 +11,7 @@ import psutil
 import torch
 
 from benchmarks.tools import CAPTUM_DIR, version
-from training.speed import cpu_model
+from handlers.machine import cpu_model
 
 
 def machine() -> dict[str, Any]:

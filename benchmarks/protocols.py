@@ -28,10 +28,10 @@ import tritonclient.http as thttp
 
 from benchmarks import inputs
 from benchmarks.archives import build_ours
+from handlers.machine import cpu_model
 from harness.correctness_load import Outcome, Poster, Run, drive
 from harness.gateway import Gateway
 from harness.torchserve import ROOT, TorchServe
-from training.speed import cpu_model
 
 Send = Callable[[bytes], str]  # one image -> its top-1 label
 

@@ -4,6 +4,7 @@
     python -m benchmarks.run --full                  # the figures for the README
     python -m benchmarks.run --full --model artifacts/resnet18 --variants artifacts/resnet18/variants
     python -m benchmarks.run --full --only fp32,int8,bf16 --duration 10   # a subset, shorter runs
+    python -m benchmarks.run --full --pick throughput   # fp32 and the variant training.optimize --pick chose
     python -m benchmarks.run --full --gpu --model artifacts/resnet50 --amp bf16   # GPU path (untested here)
 
 Steps: inputs (held-out digit JPEGs, sklearn photos) -> in-process ceiling per variant (batch 1/8, with
@@ -39,6 +40,7 @@ from benchmarks.startup import startup_time
 from benchmarks.tools import ensure_captum
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard, git_commit
 from harness.wrk_throughput import ensure_wrk
+from training.package import PICK_KINDS, read_pick
 
 DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
 
@@ -141,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--variants", type=Path, default=None, help="variant parent dir (default MODEL/variants)")
     ap.add_argument("--only", type=lambda t: [x for x in t.split(",") if x], default=None,
                     help="comma-separated variant names to serve (default: fp32 and every variant found)")
+    ap.add_argument("--pick", choices=PICK_KINDS, default=None,
+                    help="also serve the variant python -m training.optimize MODEL --pick chose as this kind, and "
+                         "check it against stock (with no --only: fp32 and the pick only)")
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model-config.yaml for our archives")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--gpu", action="store_true", help="serve on CUDA with --amp autocast (ResNet-50 config)")
@@ -156,9 +161,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (model / CARD_FILE).is_file():
         sys.exit(f"error: {model}/{CARD_FILE} not found; train and export the model first "
                  f"(python -m training.train --out {model} && python -m training.export {model}) or pass --model")
+    picked = None
     try:
+        if args.pick:
+            picked = ModelCard.read(read_pick(model, args.pick)).variant
+            args.only = [*(args.only or ["fp32"]), picked]
         dirs = model_dirs(model, args.variants, args.only)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if not (dirs[0] / TORCHSCRIPT_FILE).is_file():
         sys.exit(f"error: {dirs[0]}/{TORCHSCRIPT_FILE} (fp32 TorchScript, needed by stock TorchServe) not "
@@ -246,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "startup_phases_s": startup_phases_s,
         "notes": notes,
     }
-    result["acceptance"] = acceptance(served, inproc, l70, startup_s)
+    result["pick"] = {"kind": args.pick, "variant": picked} if picked else None
+    result["acceptance"] = acceptance(served, inproc, l70, startup_s, picked)
     report.write(result, args.out)
     print(report.markdown(result))
     print(f"wrote {args.out / 'report.json'}, report.md, {report.PLOT} ({result['wall_s']} s)", file=sys.stderr)

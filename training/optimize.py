@@ -24,21 +24,45 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from handlers.contract import CardError, ModelCard
 from handlers.runtimes import load_model
 from training import gate, speed
 from training.export import ParityError
-from training.technique import Technique, add_options, build, describe, load_parent, parent_record, variant_dir
+from training.package import write_pick
+from training.technique import (
+    NotSupportedHere,
+    Technique,
+    add_options,
+    build,
+    describe,
+    load_parent,
+    on_cpu,
+    parent_record,
+    variant_dir,
+)
+from training.variants.aot_inductor import AOTI
 from training.variants.bf16 import BF16
+from training.variants.compiled import COMPILED
 from training.variants.distilled import DISTILLED
 from training.variants.fp32 import FP32
 from training.variants.int8 import DYNAMIC_INT8, INT8, PRUNED_INT8
+from training.variants.onnx_runtime import ONNX_RUNTIME
+from training.variants.openvino_ir import OPENVINO
 from training.variants.pruned import PRUNED
 from training.variants.sparse import SPARSE
+from training.variants.tensorrt_engine import TENSORRT
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (FP32, SPARSE, PRUNED, INT8, PRUNED_INT8, DYNAMIC_INT8,
-                                                         BF16, DISTILLED)}
-DEFAULT_VARIANTS = ("fp32", "sparse", "pruned", "int8", "pruned_int8", "bf16", "distilled")
+                                                         BF16, DISTILLED, *ONNX_RUNTIME, *OPENVINO, *AOTI,
+                                                         *COMPILED, *TENSORRT)}
+# Techniques on TorchScript, then the runtimes alone, then stacked on the pruned and distilled models. Variants
+# this machine cannot build (CUDA-only ones on a CPU host, bf16 without bf16 units) are skipped with the reason.
+DEFAULT_VARIANTS = ("fp32", "sparse", "pruned", "int8", "pruned_int8", "bf16", "distilled",
+                    "onnxruntime", "onnxruntime_int8", "openvino", "openvino_bf16", "openvino_int8", "aoti", "compile",
+                    "pruned_onnxruntime_int8", "pruned_openvino_int8", "distilled_onnxruntime_int8",
+                    "distilled_openvino_bf16", "distilled_openvino_int8", "aoti_cuda", "tensorrt_fp16")
 BASELINE = "fp32_eager"
 REPORT_DIR = "optimization"
 # Acceptance targets from the issue, checked (not asserted) in the report.
@@ -59,7 +83,7 @@ def reusable(parent_dir: Path, name: str, parent_sha: str) -> ModelCard | None:
     return card if same_parent and card.profile is not None and (vdir / card.artifact).is_file() else None
 
 
-def row(name: str, card: ModelCard, artifact: Path, parent_top1: float, budget: float) -> dict[str, Any]:
+def row(name: str, card: ModelCard, files: list[Path], parent_top1: float, budget: float) -> dict[str, Any]:
     test = card.test
     passed, verdict = gate.check(card, budget) if card.parent else (True, "baseline")
     assert card.profile is not None
@@ -67,21 +91,52 @@ def row(name: str, card: ModelCard, artifact: Path, parent_top1: float, budget: 
         "variant": name,
         "technique": card.recipe.technique,
         "architecture": card.architecture,
-        "artifact": str(artifact),
+        "artifact": str(files[0]),
         "runtime": card.runtime,
+        "precision": card.precision,
         "cpu_only": card.cpu_only,
+        "cuda_only": card.cuda_only,
         "top1": test.top1,
         "macro_f1": test.macro_f1,
         "drop_pt": round(100 * (parent_top1 - test.top1), 3),
-        "size_bytes": speed.size_on_disk(artifact),
+        "size_bytes": sum(speed.size_on_disk(f) for f in files),
         "params": card.profile.params,
         "macs": card.profile.macs,
         "gate": {"passed": passed, "budget_pt": budget, "verdict": verdict},
     }
 
 
-def check_targets(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def pick(rows: dict[str, dict[str, Any]], batch: int, budget: float) -> dict[str, Any]:
+    """The fastest gated variant at batch 1, at the served batch within the budget, and with no top-1 loss."""
+    passed = [r for name, r in rows.items() if name != BASELINE and r["gate"]["passed"]]
+    if not passed:
+        raise ValueError("no variant passed the accuracy gate, so there is nothing to pick; raise --budget or "
+                         "retune the techniques")
+    key = f"throughput_bs{batch}"
+    lossless = [r for r in passed if r["drop_pt"] <= 0]
+    choice = {"latency": min(passed, key=lambda r: r["latency_ms_bs1"]),
+              "throughput": max((r for r in passed if r["drop_pt"] <= budget), key=lambda r: r[key]),
+              "lossless": max(lossless, key=lambda r: r[key]) if lossless else None}
+    return {kind: None if r is None else {"variant": r["variant"], "runtime": r["runtime"], "precision":
+                                          r["precision"], "drop_pt": r["drop_pt"], "latency_ms_bs1":
+                                          r["latency_ms_bs1"], key: r[key], f"speedup_bs{batch}":
+                                          r[f"speedup_bs{batch}"]}
+            for kind, r in choice.items()}
+
+
+def check_targets(rows: dict[str, dict[str, Any]], batch: int, budget: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    key = f"throughput_bs{batch}"
+    picked = pick(rows, batch, budget)
+    if picked["lossless"] and "fp32" in rows:  # runtimes: no top-1 loss at >= 2x TorchScript fp32
+        ratio = picked["lossless"][key] / rows["fp32"][key]
+        out["lossless_vs_torchscript"] = {"variant": picked["lossless"]["variant"], "ratio": round(ratio, 2),
+                                          "min_ratio": 2.0, "met": ratio >= 2.0}
+    best = picked["throughput"]
+    if best["drop_pt"] <= 0.5:  # within 0.5 pt at >= 15x fp32 eager
+        out["within_half_pt_vs_eager"] = {"variant": best["variant"], "speedup_bs8": best[f"speedup_bs{batch}"],
+                                          "drop_pt": best["drop_pt"], "min_speedup": 15.0,
+                                          "met": best[f"speedup_bs{batch}"] >= 15.0}
     for name in ("int8", "pruned_int8"):
         if name in rows:
             r, t = rows[name], TARGETS[name]
@@ -99,15 +154,17 @@ def check_targets(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def fmt_table(rows: list[dict[str, Any]], batch: int) -> str:
-    head = ["variant", "technique", "arch", "top-1 %", "Δ pt", "macro-F1", "size MB", "params M", "MACs G",
-            "bs1 latency ms", f"bs{batch} img/s", f"× fp32 eager (bs{batch})", "CPU-only", "gate"]
+    head = ["variant", "technique", "runtime", "precision", "arch", "top-1 %", "Δ pt", "macro-F1", "size MB",
+            "params M", "MACs G", "bs1 latency ms", f"bs{batch} img/s", f"× fp32 eager (bs{batch})", "start-up s",
+            "device", "gate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["variant"], r["technique"], r["architecture"], f"{100 * r['top1']:.2f}", f"{-r['drop_pt']:+.2f}",
-            f"{r['macro_f1']:.4f}", f"{r['size_bytes'] / 1e6:.1f}", f"{r['params'] / 1e6:.2f}",
-            f"{r['macs'] / 1e9:.3f}", f"{r['latency_ms_bs1']:.1f}", f"{r[f'throughput_bs{batch}']:.1f}",
-            f"{r[f'speedup_bs{batch}']:.2f}×", "yes" if r["cpu_only"] else "no",
+            r["variant"], r["technique"], r["runtime"], r["precision"], r["architecture"], f"{100 * r['top1']:.2f}",
+            f"{-r['drop_pt']:+.2f}", f"{r['macro_f1']:.4f}", f"{r['size_bytes'] / 1e6:.1f}",
+            f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.3f}", f"{r['latency_ms_bs1']:.1f}",
+            f"{r[f'throughput_bs{batch}']:.1f}", f"{r[f'speedup_bs{batch}']:.2f}×", f"{r['startup_s']:.1f}",
+            "CPU" if r["cpu_only"] else ("CUDA" if r["cuda_only"] else "CPU/CUDA"),
             "—" if r["variant"] == BASELINE else ("pass" if r["gate"]["passed"] else "FAIL"),
         ]) + " |")
     return "\n".join(lines)
@@ -135,6 +192,22 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     for name, t in report["targets"].items():
         facts = ", ".join(f"{k} {v}" for k, v in t.items() if k != "met")
         lines.append(f"- {name}: {'met' if t['met'] else 'MISSED'} ({facts})")
+    if report["skipped"]:
+        lines += ["", "## Not built on this machine", ""]
+        lines += [f"- {name}: {why}" for name, why in report["skipped"].items()]
+    if "pick" in report:
+        p, key = report["pick"], f"throughput_bs{batch}"
+        lines += ["", f"## Pick for this machine ({env['cpu']}, flags {', '.join(env['machine']['cpu_flags'])}, "
+                      f"GPU {env['machine']['gpu'] or 'none'}; `build_mar.sh {report['parent']['dir']} --pick KIND`)",
+                  ""]
+        for kind, what in (("latency", "fastest at batch 1"),
+                           ("throughput", f"fastest at batch {batch} within {p['budget_pt']} pt"),
+                           ("lossless", f"fastest at batch {batch} with no top-1 loss")):
+            c = p["choice"][kind]
+            lines.append(f"- {kind} ({what}): " + ("none qualified" if c is None else
+                         f"**{c['variant']}** ({c['runtime']} {c['precision']}, {c['latency_ms_bs1']} ms at bs1, "
+                         f"{c[key]} img/s at bs{batch}, {c[f'speedup_bs{batch}']}× fp32 eager, "
+                         f"Δ {-c['drop_pt']:+.2f} pt)"))
     c = report["kernel_ceiling"]
     lines += [
         "",
@@ -162,11 +235,15 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 7))
+    runtimes = sorted({r["runtime"] for r in report["rows"]})
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(runtimes)}
+    for name in runtimes:
+        ax.scatter([], [], color=colors[name], label=f"runtime: {name}")
     sizes = [r["size_bytes"] / 1e6 for r in report["rows"]]
     scale = 1500 / max(sizes)
     for i, (r, mb) in enumerate(zip(report["rows"], sizes, strict=True)):
-        color = "tab:gray" if r["variant"] == BASELINE else ("tab:orange" if r["cpu_only"] else "tab:blue")
+        color = colors[r["runtime"]]
         ax.scatter(r["latency_ms_bs1"], 100 * r["top1"], s=max(30.0, mb * scale), alpha=0.55, color=color,
                    edgecolors="black", linewidths=0.6)
         # Labels beside the marker, staggered, so variants at the same spot (fp32 vs eager) stay readable.
@@ -181,8 +258,8 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"in-process latency at batch 1, ms (median, {report['environment']['threads']} threads, log scale)")
     ax.set_ylabel("held-out test top-1, %")
-    ax.set_title(f"{report['parent']['architecture']} variants: accuracy vs latency (marker area = size on disk;\n"
-                 "orange = CPU-only int8, gray = fp32 eager baseline)", fontsize=10)
+    ax.set_title(f"{report['parent']['architecture']} variants: accuracy vs latency on {report['environment']['cpu']}"
+                 "\n(marker area = size on disk; colour = runtime; fp32_eager is the baseline)", fontsize=10)
     ax.margins(x=0.25, y=0.25)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
@@ -201,35 +278,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     record = parent_record(parent_dir, parent_card)
     made: dict[str, ModelCard] = {}
+    skipped: dict[str, str] = {}
     for i, name in enumerate(args.variants, 1):
         t0 = time.perf_counter()
         if args.reuse and (card := reusable(parent_dir, name, record.sha256)):
             made[name] = card
             print(f"[{i}/{len(args.variants)}] reused {describe(card)}", flush=True)
             continue
+        if TECHNIQUES[name].stacks_on in skipped:
+            skipped[name] = f"made from {TECHNIQUES[name].stacks_on}, which was skipped"
+            continue
         print(f"[{i}/{len(args.variants)}] {name} ...", flush=True)
-        made[name] = build(parent_dir, TECHNIQUES[name], args)
+        try:
+            made[name] = build(parent_dir, TECHNIQUES[name], args)
+        except NotSupportedHere as e:
+            skipped[name] = str(e)
+            print(f"[{i}/{len(args.variants)}] skipped: {e}", flush=True)
+            continue
         print(f"[{i}/{len(args.variants)}] {describe(made[name])} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    print(f"timing {len(made) + 1} models side by side ({args.threads} threads, {args.rounds} rounds) ...",
-          flush=True)
-    models = {BASELINE: parent}
-    for name, card in made.items():
-        models[name] = load_model(variant_dir(parent_dir, name), card)
+    print(f"loading {len(made) + 1} models and timing them side by side ({args.threads} threads, {args.rounds} "
+          "rounds) ...", flush=True)
     size = parent_card.input.image_size
+    models, startup = {}, {}
+    with speed.thread_count(args.threads):
+        eager = parent_card.replace(runtime="eager", artifact=parent_card.checkpoint)  # the baseline: fp32 eager
+        for name, card in {BASELINE: eager, **made}.items():
+            directory = parent_dir if name == BASELINE else variant_dir(parent_dir, name)
+            device = torch.device("cuda" if card.cuda_only else "cpu")
+            models[name], startup[name] = speed.startup(
+                lambda d=directory, c=card, dev=device: on_cpu(load_model(d, c, dev, args.threads), dev),
+                size, args.batch)
     timing = speed.benchmark(models, size, args.threads, args.rounds, args.latency_calls, args.throughput_calls,
                              args.batch, args.progress)
 
-    baseline = parent_card.replace(recipe=dataclasses.replace(parent_card.recipe, technique="none (eager PyTorch)"),
-                                   profile=speed.profile(parent, size))
+    baseline = eager.replace(recipe=dataclasses.replace(parent_card.recipe, technique="none (eager PyTorch)"),
+                             profile=speed.profile(parent, size))
     assert parent_card.checkpoint is not None
-    rows = {BASELINE: row(BASELINE, baseline, parent_dir / parent_card.checkpoint, parent_top1, args.budget)}
+    rows = {BASELINE: row(BASELINE, baseline, [parent_dir / parent_card.checkpoint], parent_top1, args.budget)}
     for name, card in made.items():
-        rows[name] = row(name, card, variant_dir(parent_dir, name) / card.artifact, parent_top1, args.budget)
+        rows[name] = row(name, card, [variant_dir(parent_dir, name) / f for f in card.files], parent_top1,
+                         args.budget)
     key = f"throughput_bs{args.batch}"
     base = timing[BASELINE]
     for name, r in rows.items():
-        r.update(timing[name])
+        r.update(timing[name], **startup[name])
         r[f"speedup_bs{args.batch}"] = round(r[key] / base[key], 3)
         r["latency_speedup_bs1"] = round(base["latency_ms_bs1"] / r["latency_ms_bs1"], 3)
 
@@ -242,8 +335,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The variant's speed travels with it (and so into the .mar and the describe response).
     for name, card in made.items():
         speed_record = {k: rows[name][k] for k in ("latency_ms_bs1", key, f"speedup_bs{args.batch}", "size_bytes",
-                                                    "params", "macs")}
-        speed_record.update(threads=args.threads, cpu=env["cpu"], torch=env["torch"], baseline=BASELINE)
+                                                    "params", "macs", "startup_s")}
+        speed_record.update(threads=args.threads, machine=env["machine"], torch=env["torch"], baseline=BASELINE)
         card.replace(metrics=dataclasses.replace(card.metrics, speed=speed_record)).write(variant_dir(parent_dir, name))
 
     report = {
@@ -255,11 +348,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "throughput_calls": args.throughput_calls, "statistic": "median", "baseline": BASELINE},
         "budget_pt": args.budget,
         "rows": list(rows.values()),
-        "targets": check_targets(rows),
+        "targets": check_targets(rows, args.batch, args.budget),
+        "skipped": skipped,
         "kernel_ceiling": ceiling,
         "recipes": {n: dataclasses.asdict(c.recipe) for n, c in made.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if args.pick:
+        report["pick"] = {"choice": pick(rows, args.batch, args.budget), "served_batch": args.batch,
+                          "budget_pt": args.budget, "threads": args.threads, "machine": env["machine"],
+                          "torch": env["torch"]}
+        write_pick(parent_dir, report["pick"])
     out = parent_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -282,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--latency-calls", type=int, default=5, help="batch-1 calls per model per round")
     g.add_argument("--throughput-calls", type=int, default=3, help="batch calls per model per round")
     g.add_argument("--batch", type=int, default=8, help="throughput batch size")
+    ap.add_argument("--pick", action="store_true",
+                    help="write optimization/pick.json: the fastest gated variant at batch 1 (latency), at --batch "
+                         "within --budget (throughput) and with no top-1 loss (lossless), for build_mar.sh --pick")
     ap.add_argument("--reuse", action="store_true",
                     help="keep variants already built from this same checkpoint (sha256); only re-time and report")
     add_options(ap, list(TECHNIQUES.values()))

@@ -45,6 +45,35 @@ def write_manifest(store: Path, manifest: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+PICK_FILE = "optimization/pick.json"  # under the parent model directory, written by training.optimize --pick
+PICK_KINDS = ("latency", "throughput", "lossless")
+
+
+def write_pick(parent_dir: Path, picked: dict[str, Any]) -> Path:
+    path = Path(parent_dir) / PICK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(picked, indent=2) + "\n")
+    return path
+
+
+def read_pick(parent_dir: Path, kind: str) -> Path:
+    """The variant directory training.optimize --pick chose as `kind` for this parent."""
+    path = Path(parent_dir) / PICK_FILE
+    if kind not in PICK_KINDS:
+        raise ValueError(f"unknown pick {kind!r}; choose one of {', '.join(PICK_KINDS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; time and pick the variants on this machine first: "
+                                f"python -m training.optimize {parent_dir} --pick")
+    try:
+        choice = json.loads(path.read_text())["choice"][kind]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} has no readable '{kind}' pick ({e}); re-run python -m training.optimize "
+                         f"{parent_dir} --pick") from e
+    if choice is None:
+        raise ValueError(f"{path}: no variant qualified as '{kind}' (e.g. none kept top-1 exactly); pick another")
+    return Path(parent_dir) / "variants" / choice["variant"]
+
+
 def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | None) -> dict[str, str]:
     """Write OUT/model-config.yaml and OUT/extra/{metadata.json, handlers/}; return archive facts."""
     card = ModelCard.read(model_dir)
@@ -117,12 +146,17 @@ def main() -> None:
     s.add_argument("--config", type=Path, default=ROOT / "handlers" / "model-config.yaml")
     s.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     s.add_argument("--version", default=None)
+    k = sub.add_parser("pick", help="print the variant directory picked as KIND by training.optimize --pick")
+    k.add_argument("parent_dir", type=Path)
+    k.add_argument("kind", choices=PICK_KINDS)
     r = sub.add_parser("record")
     r.add_argument("mar", type=Path)
     r.add_argument("model_dir", type=Path)
     args = ap.parse_args()
     try:
-        if args.cmd == "stage":
+        if args.cmd == "pick":
+            print(read_pick(args.parent_dir, args.kind))
+        elif args.cmd == "stage":
             facts = stage(args.model_dir, args.out, args.config, args.device, args.version)
             print("\n".join(f"{k}={v}" for k, v in facts.items()))
         else:

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from handlers import machine
 from handlers.contract import CardError, ModelCard, Profile
 from handlers.deprecations import known_deprecations
 from handlers.runtimes import load_model
@@ -55,16 +55,9 @@ def size_on_disk(path: Path) -> int:
     return Path(path).stat().st_size
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(threads: int) -> dict[str, Any]:
-    return {"threads": threads, "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+    return {"threads": threads, "torch": torch.__version__, "cpu": machine.cpu_model(),
+            "machine": machine.fingerprint(), "cpu_count": os.cpu_count(),
             "quantized_engine": torch.backends.quantized.engine}
 
 
@@ -103,6 +96,20 @@ def median_seconds(fn: Callable[[], object], min_time: float = 0.0, min_reps: in
         fn()
         times.append(time.perf_counter() - t0)
     return percentile(times, 50)
+
+
+@torch.inference_mode()
+def startup(load: Callable[[], Callable[[torch.Tensor], torch.Tensor]], input_size: int, batch: int = 8
+            ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, float]]:
+    """Load a model and make its first batch-1 and batch-`batch` calls, as a worker's start-up does: the
+    seconds each took (a compile runtime compiles during its first calls)."""
+    t0 = time.perf_counter()
+    model = load()
+    t1 = time.perf_counter()
+    for size in (1, batch):
+        model(torch.randn(size, 3, input_size, input_size).contiguous(memory_format=torch.channels_last))
+    t2 = time.perf_counter()
+    return model, {"load_s": round(t1 - t0, 3), "first_calls_s": round(t2 - t1, 3), "startup_s": round(t2 - t0, 3)}
 
 
 def _time_calls(model: torch.nn.Module, x: torch.Tensor, calls: int) -> list[float]:
