@@ -23,7 +23,8 @@ from torchvision.io import encode_png
 
 from deploy.store import open_archive
 from handlers.contract import KEY_FILE, ModelCard
-from handlers.loading import load_model, load_state_dict
+from handlers.loading import load_state_dict
+from handlers.runtimes import load_model
 from harness.torchserve import TorchServe, free_port, read_properties
 from tests.conftest import ROOT, copy_store, serve
 from training.package import read_manifest

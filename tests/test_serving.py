@@ -17,7 +17,8 @@ from torchvision.io import encode_jpeg, encode_png
 from handlers.contract import STATE_DICT_FILE, ModelCard
 from handlers.deprecations import known_deprecations
 from handlers.imaging import Normalizer, decode_image, resize_batch
-from handlers.loading import build_model, load_model, load_state_dict
+from handlers.loading import build_model, load_state_dict
+from handlers.runtimes import load_model
 from harness.torchserve import TorchServe
 from tests.bad_inputs import corpus
 from tests.conftest import ROOT, build_mar, serve
