@@ -48,8 +48,25 @@ def test_parity_check_fails_loudly_on_a_mismatch(tiny_model: Path, tiny_card: Mo
     changed = copy.deepcopy(eager)  # frozen TorchScript may share storage with `eager`: change a copy
     with torch.no_grad():
         changed.fc.bias += 0.5
-    with pytest.raises(export.ParityError, match="does not match eager"):
+    with pytest.raises(export.ParityError, match=r"does not match the model it was made from .* max \|diff\| 0\.5 "):
         export.check_parity(changed, exported, tiny_splits.test, tiny_card)
+
+
+def test_parity_holds_lower_precisions_to_a_share_of_agreeing_labels(tiny_model: Path, tiny_card: ModelCard,
+                                                                     tiny_splits) -> None:
+    """A Tolerance bounds the logits and the share of test images whose top-1 label stays the same."""
+    eager = build_model(tiny_card.architecture, tiny_card.num_classes)
+    eager.load_state_dict(load_state_dict(tiny_model / STATE_DICT_FILE))
+    eager.eval()
+    flipped = copy.deepcopy(eager)
+    with torch.no_grad():
+        flipped.fc.bias[0] += 20  # logits move by 20 on one class: most labels become '0'
+    loose = export.Tolerance(atol=25, rtol=0, agreement=0.0)
+    report = export.check_parity(eager, flipped, tiny_splits.test, tiny_card, loose)
+    assert (report["atol"], report["rtol"], report["min_agreement"]) == (25, 0, 0.0)
+    assert 0 < report["top1_agreement"] < 0.5 and report["max_abs_diff"] == pytest.approx(20, abs=1e-3)
+    with pytest.raises(export.ParityError, match=r"top-1 agreement \d+\.\d+% \(required 97\.00%\); see here"):
+        export.check_parity(eager, flipped, tiny_splits.test, tiny_card, export.Tolerance(25, 0, 0.97), "see here")
 
 
 def test_export_cli_names_the_missing_checkpoint(tmp_path: Path) -> None:
