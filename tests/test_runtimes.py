@@ -111,7 +111,7 @@ class Runtimes:
 @pytest.fixture(scope="module")
 def runtimes(pruned_parent: Path, model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Runtimes:
     """A private copy of the tiny model with its pruned variant (stacked variants start from it); a store holding
-    digits.mar (TorchScript fp32) to which the runtime archives are added, each with one worker (nine models
+    digits.mar (TorchScript fp32) to which the runtime archives are added, each with one worker (eleven models
     share two cores) and a batch delay long enough for concurrent requests to form batches."""
     root = tmp_path_factory.mktemp("runtimes")
     parent = root / "parent"
@@ -134,7 +134,7 @@ def float_source(runtimes: Runtimes, card: ModelCard) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_runtime_variant_card_parity_gate_and_archive(runtimes: Runtimes, variant: str, tiny_splits) -> None:
+def test_runtime_variant_card_parity_and_gate(runtimes: Runtimes, variant: str, tiny_splits) -> None:
     card = runtimes.card(variant)
     vdir = runtimes.dir(variant)
     runtime, precision, files, cpu_only = EXPECTED[variant]
@@ -160,8 +160,6 @@ def test_runtime_variant_card_parity_gate_and_archive(runtimes: Runtimes, varian
     assert parity["images"] == len(tiny_splits.test)
     assert parity["top1_agreement"] >= parity["min_agreement"]
     assert math.isfinite(parity["max_abs_diff"]) and 0 <= parity["mean_abs_diff"] <= parity["max_abs_diff"]
-    if precision == "fp32":
-        assert parity["top1_agreement"] == 1.0
 
     # The artifact in its final place, loaded again by its runtime: within the same tolerance of the float source
     # (check_parity raises past it), and the accuracy the card records is what it scores.
@@ -183,7 +181,7 @@ def test_runtime_variant_card_parity_gate_and_archive(runtimes: Runtimes, varian
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(EXPECTED))
 def test_build_mar_packs_the_artifact_and_its_companions(runtimes: Runtimes, variant: str) -> None:
-    runtime, _, files, cpu_only = EXPECTED[variant]
+    _, _, files, cpu_only = EXPECTED[variant]
     name = runtimes.archive(variant)
     mar = runtimes.store / f"{name}.mar"
     device = "cpu" if cpu_only else "gpu"  # auto: gpu, which TorchServe serves on CPU where there is none
@@ -199,7 +197,7 @@ def test_build_mar_packs_the_artifact_and_its_companions(runtimes: Runtimes, var
 
 def test_cuda_only_variants_are_refused_without_cuda(runtimes: Runtimes) -> None:
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; test_cuda_variants_build_serve_and_refuse_cpu builds them")
+        pytest.skip("this machine has CUDA; test_cuda_variants_build_run_on_cuda_and_refuse_cpu builds them")
     for variant in ("aoti_cuda", "tensorrt_fp16"):
         technique = TECHNIQUES[variant]
         assert technique.cuda_only and not technique.cpu_only
@@ -215,7 +213,7 @@ def test_cuda_only_variants_are_refused_without_cuda(runtimes: Runtimes) -> None
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["aoti_cuda", "tensorrt_fp16"])
-def test_cuda_variants_build_serve_and_refuse_cpu(runtimes: Runtimes, variant: str, tiny_splits) -> None:
+def test_cuda_variants_build_run_on_cuda_and_refuse_cpu(runtimes: Runtimes, variant: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip(f"no CUDA device: {variant} compiles for a CUDA GPU")
     if variant == "tensorrt_fp16":
