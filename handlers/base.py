@@ -75,7 +75,7 @@ class ModelHandler(BaseHandler):
         self.model_dir = Path(props["model_dir"])
         self.card = ModelCard.read(self.model_dir)
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
-        self.options = {**DEFAULTS, **(yaml_cfg.get("handler") or {})}
+        self.options = self.read_options(yaml_cfg.get("handler") or {})
         self.device = self.pick_device(props.get("gpu_id"))
         self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
         torch.set_num_threads(self.threads)
@@ -160,6 +160,17 @@ class ModelHandler(BaseHandler):
             raise ValueError(f"handler option threads must be a positive integer or 'auto', got {value!r}; "
                              "fix it in model-config.yaml and rebuild the archive")
         return value
+
+    @staticmethod
+    def read_options(given: dict[str, Any]) -> dict[str, Any]:
+        """DEFAULTS overridden by model-config.yaml's handler section; an unknown key is refused, not ignored."""
+        unknown = sorted(set(given) - set(DEFAULTS))
+        if unknown:
+            moved = (" torch.compile is no longer a handler option: build the compile variant "
+                     "(python -m training.variants.compiled PARENT) and package it." if "compile" in unknown else "")
+            raise ValueError(f"unknown handler option(s) {', '.join(unknown)} in model-config.yaml; known: "
+                             f"{', '.join(DEFAULTS)}.{moved} Fix the config and rebuild the archive")
+        return {**DEFAULTS, **given}
 
     def machine_check(self) -> list[str]:
         """How this machine differs from the one the variant was timed and picked on (warned, not refused)."""

@@ -67,6 +67,15 @@ def test_threads_per_worker(handler, model_dir: Path) -> None:
             probe.pick_threads(1)
 
 
+def test_an_unknown_handler_option_is_refused_naming_it(model_dir: Path, tmp_path: Path) -> None:
+    """A typo, or the removed compile option, must not be ignored quietly: the worker refuses to load."""
+    for key, hint in (("topK", "known: topk"), ("compile", "build the compile variant")):
+        dest = with_runtime(model_dir, tmp_path / key, "torchscript", options={key: True})
+        with pytest.raises(ValueError, match=f"unknown handler option.*{key}.*{hint}"):
+            ImageClassifier().initialize(make_context(dest))
+    assert ImageClassifier.read_options({"topk": 3})["topk"] == 3
+
+
 def test_png_jpeg_and_base64_predictions_match_offline_eager(handler, eager, tiny_card, tiny_splits) -> None:
     h, ctx = handler
     images = [tiny_splits.test[i][0] for i in range(8)]

@@ -51,21 +51,24 @@ def example_batch(input_size: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, input_size, input_size).contiguous(memory_format=torch.channels_last)
 
 
+def dynamic_batch() -> dict[int, torch.export.Dim]:
+    """The dynamic_shapes entry of the one input: its batch dimension, 1..MAX_BATCH."""
+    return {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+
+
 def exported_program(model: torch.nn.Module, input_size: int, device: str = "cpu") -> torch.export.ExportedProgram:
     """torch.export with the batch dimension dynamic (1..MAX_BATCH), so one graph serves every batch size."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.no_grad():
         return torch.export.export(model.eval().to(device), (example_batch(input_size).to(device),),
-                                   dynamic_shapes=({0: batch},))
+                                   dynamic_shapes=(dynamic_batch(),))
 
 
 def to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> Path:
     """ONNX (the torch.export-based exporter, weights inside the file) with a dynamic batch dimension."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.no_grad():
         program = torch.onnx.export(model.eval(), (example_batch(input_size),), dynamo=True, verbose=False,
                                     input_names=["input"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), external_data=False)
+                                    dynamic_shapes=(dynamic_batch(),), external_data=False)
     program.save(str(path), external_data=False)
     return path
 

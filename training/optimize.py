@@ -106,12 +106,12 @@ def row(name: str, card: ModelCard, files: list[Path], parent_top1: float, budge
     }
 
 
-def pick(rows: dict[str, dict[str, Any]], batch: int, budget: float) -> dict[str, Any]:
-    """The fastest gated variant at batch 1, at the served batch within the budget, and with no top-1 loss."""
+def pick(rows: dict[str, dict[str, Any]], batch: int, budget: float) -> dict[str, Any] | None:
+    """The fastest gated variant at batch 1, at the served batch within the budget, and with no top-1 loss
+    (None when no variant passed the gate)."""
     passed = [r for name, r in rows.items() if name != BASELINE and r["gate"]["passed"]]
     if not passed:
-        raise ValueError("no variant passed the accuracy gate, so there is nothing to pick; raise --budget or "
-                         "retune the techniques")
+        return None
     key = f"throughput_bs{batch}"
     lossless = [r for r in passed if r["drop_pt"] <= 0]
     choice = {"latency": min(passed, key=lambda r: r["latency_ms_bs1"]),
@@ -124,16 +124,15 @@ def pick(rows: dict[str, dict[str, Any]], batch: int, budget: float) -> dict[str
             for kind, r in choice.items()}
 
 
-def check_targets(rows: dict[str, dict[str, Any]], batch: int, budget: float) -> dict[str, Any]:
+def check_targets(rows: dict[str, dict[str, Any]], picked: dict[str, Any] | None, batch: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     key = f"throughput_bs{batch}"
-    picked = pick(rows, batch, budget)
-    if picked["lossless"] and "fp32" in rows:  # runtimes: no top-1 loss at >= 2x TorchScript fp32
+    if picked and picked["lossless"] and "fp32" in rows:  # runtimes: no top-1 loss at >= 2x TorchScript fp32
         ratio = picked["lossless"][key] / rows["fp32"][key]
         out["lossless_vs_torchscript"] = {"variant": picked["lossless"]["variant"], "ratio": round(ratio, 2),
                                           "min_ratio": 2.0, "met": ratio >= 2.0}
-    best = picked["throughput"]
-    if best["drop_pt"] <= 0.5:  # within 0.5 pt at >= 15x fp32 eager
+    best = picked["throughput"] if picked else None
+    if best and best["drop_pt"] <= 0.5:  # within 0.5 pt at >= 15x fp32 eager
         out["within_half_pt_vs_eager"] = {"variant": best["variant"], "speedup_bs8": best[f"speedup_bs{batch}"],
                                           "drop_pt": best["drop_pt"], "min_speedup": 15.0,
                                           "met": best[f"speedup_bs{batch}"] >= 15.0}
@@ -326,6 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r[f"speedup_bs{args.batch}"] = round(r[key] / base[key], 3)
         r["latency_speedup_bs1"] = round(base["latency_ms_bs1"] / r["latency_ms_bs1"], 3)
 
+    picked = pick(rows, args.batch, args.budget)
     env = speed.environment(args.threads)
     ceiling = speed.kernel_ceiling(args.threads, args.batch)
     eager_gmacs = rows[BASELINE]["macs"] * base[key] / 1e9
@@ -348,14 +348,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "throughput_calls": args.throughput_calls, "statistic": "median", "baseline": BASELINE},
         "budget_pt": args.budget,
         "rows": list(rows.values()),
-        "targets": check_targets(rows, args.batch, args.budget),
+        "targets": check_targets(rows, picked, args.batch),
         "skipped": skipped,
         "kernel_ceiling": ceiling,
         "recipes": {n: dataclasses.asdict(c.recipe) for n, c in made.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.pick:
-        report["pick"] = {"choice": pick(rows, args.batch, args.budget), "served_batch": args.batch,
+        if picked is None:
+            raise ValueError("no variant passed the accuracy gate, so there is nothing to pick; raise --budget or "
+                             "retune the techniques")
+        report["pick"] = {"choice": picked, "served_batch": args.batch,
                           "budget_pt": args.budget, "threads": args.threads, "machine": env["machine"],
                           "torch": env["torch"]}
         write_pick(parent_dir, report["pick"])
