@@ -227,6 +227,18 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def highlights(report: dict[str, Any]) -> set[str]:
+    """Variants worth a label: the baseline, the picks, each runtime's fastest gated variant, and gate failures."""
+    rows = report["rows"]
+    names = {BASELINE} | {c["variant"] for c in report.get("pick", {}).get("choice", {}).values() if c}
+    names |= {r["variant"] for r in rows if r["variant"] != BASELINE and not r["gate"]["passed"]}
+    for runtime in {r["runtime"] for r in rows}:
+        gated = [r for r in rows if r["runtime"] == runtime and (r["variant"] == BASELINE or r["gate"]["passed"])]
+        if gated:
+            names.add(min(gated, key=lambda r: r["latency_ms_bs1"])["variant"])
+    return names
+
+
 def plot(path: Path, report: dict[str, Any]) -> None:
     import matplotlib
 
@@ -234,21 +246,23 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(10, 7))
+    fig, ax = plt.subplots(figsize=(12, 7))
     runtimes = sorted({r["runtime"] for r in report["rows"]})
     colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(runtimes)}
     for name in runtimes:
         ax.scatter([], [], color=colors[name], label=f"runtime: {name}")
     sizes = [r["size_bytes"] / 1e6 for r in report["rows"]]
     scale = 1500 / max(sizes)
+    # Twenty variants crowd the fp32 corner; label the ones a reader looks for and leave the rest to report.md.
+    labelled = highlights(report)
     for i, (r, mb) in enumerate(zip(report["rows"], sizes, strict=True)):
         color = colors[r["runtime"]]
         ax.scatter(r["latency_ms_bs1"], 100 * r["top1"], s=max(30.0, mb * scale), alpha=0.55, color=color,
                    edgecolors="black", linewidths=0.6)
-        # Labels beside the marker, staggered, so variants at the same spot (fp32 vs eager) stay readable.
-        ax.annotate(f"{r['variant']} ({mb:.1f} MB)", (r["latency_ms_bs1"], 100 * r["top1"]), fontsize=8,
-                    xytext=(12, 14 * (i % 3 - 1)), textcoords="offset points", ha="left", va="center",
-                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"})
+        if r["variant"] in labelled:
+            ax.annotate(f"{r['variant']} ({mb:.1f} MB)", (r["latency_ms_bs1"], 100 * r["top1"]), fontsize=8,
+                        xytext=(12, 14 * (i % 3 - 1)), textcoords="offset points", ha="left", va="center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"})
     parent = 100 * report["parent"]["top1"]
     ax.axhline(parent - report["budget_pt"], color="tab:red", ls="--", lw=1,
                label=f"gate: fp32 {parent:.2f}% - {report['budget_pt']} pt")
@@ -258,10 +272,11 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     ax.set_xlabel(f"in-process latency at batch 1, ms (median, {report['environment']['threads']} threads, log scale)")
     ax.set_ylabel("held-out test top-1, %")
     ax.set_title(f"{report['parent']['architecture']} variants: accuracy vs latency on {report['environment']['cpu']}"
-                 "\n(marker area = size on disk; colour = runtime; fp32_eager is the baseline)", fontsize=10)
+                 "\n(marker area = size on disk; colour = runtime; labelled: baseline, picks, each runtime's "
+                 "fastest gated variant, gate failures; every row is in report.md)", fontsize=10)
     ax.margins(x=0.25, y=0.25)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
