@@ -10,17 +10,27 @@ protocol is missing or wrong there:
 
 This gateway answers those from TorchServe's management API (readiness = READY workers, metadata = the
 handler's own description) and forwards every infer, REST or gRPC, to `/predictions/{m}[/{v}]` as an OIP
-body with the binary-data extension, so the handler sees one format. The caller's token goes through as
-it came: TorchServe checks it. Health routes need no token (probes cannot rotate one).
+body with the binary-data extension, so the handler sees one format. `POST /predictions/{m}[/{v}]` passes
+through unchanged, so TorchServe's own REST clients (deploy.client) work through the gateway too.
+
+Tokens: by default the caller's token goes through as it came, and TorchServe checks it. TorchServe makes
+fresh random keys at every start, so replicas behind one balancer never share one; with `--client-token
+FILE` (a mounted Secret, re-read when it changes) the gateway checks that token itself and talks to its own
+TorchServe with that server's key. Health routes need no token (probes cannot rotate one).
+
+On SIGTERM the gateway drains: `/v2/health/ready` answers 503 at once, so balancers and Kubernetes stop
+sending, while requests keep being served for `--drain-s` seconds; then it exits.
 
     python -m deploy.oip_gateway [--inference URL] [--management URL] [--key-file key_file.json]
-                                 [--http 127.0.0.1:8090] [--grpc 127.0.0.1:8091]
+                                 [--http 127.0.0.1:8090] [--grpc 127.0.0.1:8091] [--client-token FILE]
+                                 [--drain-s 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import signal
 import struct
@@ -64,10 +74,12 @@ class GatewayError(Exception):
 class Upstream:
     """The upstream server: infer through the inference API, readiness and metadata through management."""
 
-    def __init__(self, inference: str, management: str, key_file: Path) -> None:
+    def __init__(self, inference: str, management: str, key_file: Path, client_token: Path | None = None) -> None:
         self.inference = inference.rstrip("/")
         self.management_url = management.rstrip("/")
         self.key_file = key_file
+        self.client_token = client_token
+        self.draining = False
         self.session: aiohttp.ClientSession | None = None
         self.metadata_cache: dict[tuple[str, str], dict[str, Any]] = {}
         self.ready_cache: dict[tuple[str, str | None], tuple[float, bool]] = {}
@@ -87,15 +99,34 @@ class Upstream:
             raise GatewayError(503, f"the gateway cannot read TorchServe's management key: {e}") from None
         return Management(self.management_url, token, self.key_file)
 
-    def check_token(self, authorization: str | None) -> None:
-        """Metadata answers only callers holding the inference key, as TorchServe's own routes do."""
+    def inference_key(self) -> str:
         try:
-            key = read_key(self.key_file, "inference")
+            return read_key(self.key_file, "inference")
         except KeyFileError as e:
             raise GatewayError(503, f"the gateway cannot read TorchServe's inference key: {e}") from None
-        if (authorization or "").removeprefix("Bearer ").strip() != key:
-            raise GatewayError(401, "missing or wrong token: send the 'inference' key from key_file.json as "
-                               "'Authorization: Bearer <key>' (gRPC: metadata 'authorization')")
+
+    def check_token(self, authorization: str | None) -> None:
+        """Only callers holding the token get answers: --client-token's, else TorchServe's inference key."""
+        if self.client_token is None:
+            expected, hint = self.inference_key(), "the 'inference' key from key_file.json"
+        else:
+            try:  # read per call: Kubernetes rewrites a mounted Secret in place when it is rotated
+                expected, hint = self.client_token.read_text().strip(), "the service token (its Secret)"
+            except OSError as e:
+                raise GatewayError(503, f"the gateway cannot read its client token {self.client_token}: "
+                                   f"{e.strerror}") from None
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise GatewayError(401, f"missing or wrong token: send {hint} as 'Authorization: Bearer <token>' "
+                               "(gRPC: metadata 'authorization')")
+
+    def upstream_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """With --client-token, the caller's token is checked here and swapped for this server's own key."""
+        if self.client_token is None:
+            return headers
+        self.check_token(next((v for k, v in headers.items() if k.lower() == "authorization"), None))
+        kept = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        return {**kept, "Authorization": f"Bearer {self.inference_key()}"}
 
     async def call(self, method: str, path: str, **params: Any) -> Any:
         def run() -> Any:
@@ -131,6 +162,8 @@ class Upstream:
         return ready
 
     async def server_ready(self) -> bool:
+        if self.draining:
+            return False
         try:
             models = [m["modelName"] for m in (await self.call("GET", "/models", limit=1000)).get("models", [])]
         except GatewayError:
@@ -158,6 +191,7 @@ class Upstream:
                     headers: dict[str, str]) -> tuple[int, bytes]:
         assert self.session is not None
         url = f"{self.inference}/predictions/{model}" + (f"/{version}" if version else "")
+        headers = self.upstream_headers(headers)
         try:
             async with self.session.post(url, data=body, headers=headers) as r:
                 answer = await r.read()
@@ -201,7 +235,8 @@ def rest_app(upstream: Upstream) -> web.Application:
 
     async def ready(request: web.Request) -> web.Response:
         ok = await upstream.server_ready()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        body = {"ready": ok, **({"draining": True} if upstream.draining else {})}
+        return web.json_response(body, status=200 if ok else 503)
 
     async def server_metadata(request: web.Request) -> web.Response:
         upstream.check_token(request.headers.get("Authorization"))
@@ -223,11 +258,18 @@ def rest_app(upstream: Upstream) -> web.Application:
                                             await request.read(), forwarded)
         return web.Response(status=status, body=body, content_type="application/json")
 
+    async def predictions(request: web.Request) -> web.Response:
+        forwarded = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        status, body = await upstream.infer(request.match_info["model"], version_of(request),
+                                            await request.read(), forwarded)
+        return web.Response(status=status, body=body, content_type="application/json")
+
     app = web.Application(client_max_size=MAX_MESSAGE)
     routes = [("GET", "/v2/health/live", live), ("GET", "/v2/health/ready", ready), ("GET", "/v2", server_metadata)]
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         routes += [("GET", prefix, model_metadata), ("GET", prefix + "/ready", model_ready),
                    ("POST", prefix + "/infer", infer)]
+    routes += [("POST", "/predictions/{model}", predictions), ("POST", "/predictions/{model}/{version}", predictions)]
     for method, path, handler in routes:
         app.router.add_route(method, path, lambda r, h=handler: guarded(h, r))
     return app
@@ -346,7 +388,7 @@ def address(value: str) -> tuple[str, int]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    upstream = Upstream(args.inference, args.management, args.key_file)
+    upstream = Upstream(args.inference, args.management, args.key_file, args.client_token)
     await upstream.start()
     runner = web.AppRunner(rest_app(upstream), access_log=None)
     await runner.setup()
@@ -369,6 +411,10 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
+    if args.drain_s > 0:
+        upstream.draining = True
+        print(f"OIP gateway: draining for {args.drain_s:g} s (ready answers 503)", flush=True)
+        await asyncio.sleep(args.drain_s)
     await server.stop(grace=5)
     await runner.cleanup()
     await upstream.close()
@@ -382,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="TorchServe's key_file.json (the directory it was started from)")
     p.add_argument("--http", type=address, default=("127.0.0.1", 8090), help="REST HOST:PORT")
     p.add_argument("--grpc", type=address, default=("127.0.0.1", 8091), help="gRPC HOST:PORT")
+    p.add_argument("--client-token", type=Path, default=None,
+                   help="file holding the token callers must send (e.g. a mounted Kubernetes Secret); the gateway "
+                        "then calls TorchServe with its own key. Default: callers send TorchServe's key")
+    p.add_argument("--drain-s", type=float, default=0.0,
+                   help="on SIGTERM, answer ready=503 but keep serving this many seconds before exiting")
     asyncio.run(serve(p.parse_args(argv)))
     return 0
 

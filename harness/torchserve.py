@@ -8,18 +8,14 @@ So several instances, and parallel test runs, coexist on one machine.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from deploy.management import DeployError, Management
+from deploy.pod import server_properties, stop_group, torchserve_command, torchserve_env
 from handlers.contract import KEY_FILE, KeyFileError, read_key
 from harness.api import ServerApi
 
@@ -40,27 +36,6 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def group_alive(group: int) -> bool:
-    """Any live (non-zombie) process in process group `group`."""
-    for p in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    props: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
-
-
 class TorchServe:
     """One TorchServe instance in its own work directory, configured from the repo's config.properties plus
     `overrides`. `api` talks to it once started."""
@@ -73,19 +48,9 @@ class TorchServe:
         self.snapshot = snapshot
         inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
         self.ports = {"inference": inference, "management": management, "metrics": metrics}
-        tmp = self.workdir / "tmp"
-        props = read_properties(ROOT / "config.properties")
-        props.update({
-            "inference_address": f"http://127.0.0.1:{self.ports['inference']}",
-            "management_address": f"http://127.0.0.1:{self.ports['management']}",
-            "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
-            # gRPC (loopback by default) would take 7070/7071, and a second server failing to bind them stops itself.
-            "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
-            "model_store": str(self.model_store),
-            "metrics_config": str(ROOT / "handlers" / "metrics.yaml"),
-            # Worker sockets (.ts.sock.9000, ...) live in java.io.tmpdir: private to this instance.
-            "vmargs": f"-Djava.io.tmpdir={tmp}",
-        })
+        internal = {"inference": inference, "management": management, "grpc_inference": grpc_inference,
+                    "grpc_management": grpc_management}
+        props = server_properties(internal, f"127.0.0.1:{metrics}", self.model_store, self.workdir / "tmp")
         props.update(overrides or {})
         self.props = props
         self.proc: subprocess.Popen[bytes] | None = None
@@ -102,16 +67,12 @@ class TorchServe:
         # TEMP becomes Java's tmpdir, where the worker sockets live.
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
-        env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
-               "METRICS_LOCATION": str(self.workdir / "logs"), "PYTHONPATH": "", **self.env}
+        env = {**torchserve_env(self.workdir), **self.env}
         config = "config.properties"
         snapshots = sorted((self.workdir / "logs" / "config").glob("*-snapshot.cfg"))
         if self.snapshot and snapshots:  # restore the last snapshot, as `torchserve --ts-config SNAPSHOT` does
             config = str(snapshots[-1])
-        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground",
-               "--ts-config", config, "--model-store", str(self.model_store)]
-        if not self.snapshot:
-            cmd.append("--ncs")
+        cmd = torchserve_command(config, self.model_store, snapshot=self.snapshot)
         self._api = None
         with open(self.workdir / "stdout.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -144,20 +105,8 @@ class TorchServe:
 
     def stop(self) -> None:
         if self.proc is not None:
-            group = self.proc.pid
-            if self.proc.poll() is None:
-                try:
-                    os.killpg(group, signal.SIGTERM)
-                    self.proc.wait(timeout=30)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    pass
-            # The launcher exits before Java and the workers: wait for the whole group, so that a restart on the
-            # same work directory finds no server still running there.
-            deadline = time.monotonic() + 30
-            while group_alive(group) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if group_alive(group):
-                os.killpg(group, signal.SIGKILL)
+            # The whole group, so that a restart on the same work directory finds no server still running there.
+            stop_group(self.proc)
         self.proc = None
         if self._api is not None:
             self._api.close()

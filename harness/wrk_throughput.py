@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from harness.tools import debian_tool
 
 SCRIPT = Path(__file__).resolve().parent / "wrk.lua"
 
@@ -42,22 +41,7 @@ class LoadResult:
 
 
 def ensure_wrk() -> str:
-    """Path of wrk; apt-get installs it when missing (as root)."""
-    path = shutil.which("wrk")
-    if path:
-        return path
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        sys.exit("error: wrk is not installed; install it with: sudo apt-get update && sudo apt-get install -y wrk")
-    print("installing wrk with apt-get ...", file=sys.stderr)
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            sys.exit(f"error: {' '.join(cmd)} failed ({result.stderr.strip()[-300:]}); install wrk by hand")
-    path = shutil.which("wrk")
-    if not path:
-        sys.exit("error: apt-get installed wrk but it is not on PATH")
-    return path
+    return debian_tool("wrk")
 
 
 def run(url: str, token: str, list_file: Path, concurrency: int, duration_s: float,

@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from deploy.client import InferenceClient, PredictionError
+from deploy.pod import read_properties
 from deploy.store import STATE_FILE
-from harness.torchserve import TorchServe, free_port, read_properties
+from harness.torchserve import TorchServe, free_port
 from tests.conftest import ROOT, build_mar, serve, train_tiny
 from training import export, golden
 from training.package import read_manifest, write_manifest

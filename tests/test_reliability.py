@@ -28,8 +28,9 @@ import yaml
 from torchvision.io import encode_png
 
 from deploy.client import InferenceClient, PredictionError
+from deploy.pod import read_properties
 from harness.correctness_load import Outcome, Poster, drive
-from harness.torchserve import TorchServe, read_properties
+from harness.torchserve import TorchServe
 from tests.bad_inputs import corpus
 from tests.conftest import ROOT, build_mar, copy_store, serve
 

@@ -21,11 +21,12 @@ import requests
 import torch
 from torchvision.io import encode_png
 
+from deploy.pod import read_properties
 from deploy.store import open_archive
 from handlers.contract import KEY_FILE, ModelCard
 from handlers.loading import load_state_dict
 from handlers.runtimes import load_model
-from harness.torchserve import TorchServe, free_port, read_properties
+from harness.torchserve import TorchServe, free_port
 from tests.conftest import ROOT, copy_store, serve
 from training.package import read_manifest
 
