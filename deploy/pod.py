@@ -64,7 +64,9 @@ def torchserve_env(home: Path) -> dict[str, str]:
     """TorchServe's launcher keeps its pid file in TMPDIR and refuses a second server beside it: one per home."""
     tmp = home / "tmp"
     return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(home / "logs"),
-            "METRICS_LOCATION": str(home / "logs"), "PYTHONPATH": ""}
+            "METRICS_LOCATION": str(home / "logs"), "PYTHONPATH": "",
+            # TorchServe's base handler imports onnxruntime when installed, which writes telemetry under $HOME.
+            "ORT_DISABLE_TELEMETRY": "1"}
 
 
 def torchserve_command(config: str, model_store: Path, snapshot: bool = False) -> list[str]:
