@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the clusters' finally blocks stop every replica
     keys = [k for k in args.scenarios.split(",") if k]
     if unknown := set(keys) - set(SCENARIOS):
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {','.join(SCENARIOS)}")

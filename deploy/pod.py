@@ -75,6 +75,17 @@ def torchserve_command(config: str, model_store: Path, snapshot: bool = False) -
     return cmd if snapshot else [*cmd, "--ncs"]
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM one process, SIGKILL it if it is still there after `timeout` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def group_alive(group: int) -> bool:
     """Any live (non-zombie) process in process group `group`."""
     for p in psutil.process_iter(["status"]):
@@ -156,13 +167,7 @@ class Pod:
 
     def shutdown(self) -> None:
         """The gateway first (it drains), then TorchServe: nothing in flight meets a stopped server."""
-        if self.gateway is not None and self.gateway.poll() is None:
-            self.gateway.send_signal(signal.SIGTERM)
-            try:
-                self.gateway.wait(timeout=self.args.drain_s + 15)
-            except subprocess.TimeoutExpired:
-                self.gateway.kill()
-                self.gateway.wait()
+        terminate(self.gateway, self.args.drain_s + 15)
         if self.torchserve is not None:
             stop_group(self.torchserve)
 

@@ -21,6 +21,7 @@ import requests
 
 from deploy.balancer import BACKEND, haproxy_config
 from deploy.client import InferenceClient, PredictionError
+from deploy.pod import terminate
 from harness.tools import debian_tool
 from harness.torchserve import ROOT, free_ports
 
@@ -29,6 +30,27 @@ def free_port_on(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """`pid` and all its descendants; empty once it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def is_alive(p: psutil.Process) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def alive(processes: Sequence[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if is_alive(p)]
 
 
 class Replica:
@@ -78,13 +100,7 @@ class Replica:
         return time.monotonic() - started
 
     def processes(self) -> list[psutil.Process]:
-        if self.proc is None:
-            return []
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return process_tree(self.proc.pid) if self.proc is not None else []
 
     def kill9(self) -> int:
         """SIGKILL the whole replica at once: supervisor, gateway, TorchServe's frontend and its workers."""
@@ -103,14 +119,14 @@ class Replica:
         """SIGTERM, as Kubernetes deleting the pod: drain, then stop; SIGKILL what is left after `timeout`."""
         if self.proc is None:
             return None
+        tree = self.processes()  # taken now: once the supervisor is gone, its orphans are nobody's children
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill9()
-        leftover = [p for p in self.processes() if p.is_running()]
-        for p in leftover:
+        for p in alive(tree):
             p.kill()
         code, self.proc = self.proc.returncode, None
         return code
@@ -185,13 +201,7 @@ class Balancer:
             raise RuntimeError(f"haproxy refused the weight for {name}: {answer}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
         self.proc = None
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
+from deploy.pod import terminate
 from handlers.contract import KEY_FILE
 from harness.torchserve import ROOT, TorchServe, free_ports
 
@@ -44,13 +44,7 @@ class Gateway:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
         self.proc = None
 
     def __enter__(self) -> Gateway:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from deploy.balancer import haproxy_config
-from harness.cluster import Replica
+from harness.cluster import Replica, alive
 from harness.rehearsal import canary_verdict, cluster, replica_loss, rolling_update, summary
 from harness.tools import debian_tool
 from tests.conftest import ROOT, build_mar
@@ -77,6 +78,8 @@ def test_one_token_for_every_replica_and_a_drain(stores: dict[str, Path], images
             assert bad.status_code == 401 and "token" in bad.json()["error"], bad.text
         r1 = c.replica("r1")
         assert r1.proc is not None
+        tree = r1.processes()  # supervisor, gateway, TorchServe's frontend and workers
+        assert len(tree) >= 4, tree
         r1.proc.send_signal(signal.SIGTERM)
         ready = requests.get(f"http://{r1.address}/v2/health/ready", timeout=5)
         for _ in range(20):  # the signal is handled within a poll interval
@@ -88,7 +91,10 @@ def test_one_token_for_every_replica_and_a_drain(stores: dict[str, Path], images
                                headers={"Authorization": f"Bearer {c.token}"}, timeout=30)
         assert served.status_code == 200, served.text
         assert r1.proc.wait(timeout=60) == 0
-        assert not [p for p in r1.processes() if p.is_running()]
+        deadline = time.monotonic() + 10  # the last workers may still be exiting after the supervisor
+        while alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(tree), alive(tree)
 
 
 def test_replica_refuses_a_missing_token_file(stores: dict[str, Path], tmp_path: Path) -> None:

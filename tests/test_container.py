@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from deploy.client import AuthError, InferenceClient
+from harness.cluster import alive, process_tree
 from harness.torchserve import ROOT, free_ports
 from tests.conftest import copy_store
 
@@ -228,21 +229,6 @@ def test_install_refuses_without_java_or_python(tmp_path: Path) -> None:
 
 # --- the replica from the prefix ----------------------------------------------------------------------------------
 
-def replica_processes(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(proc.pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def from_prefix(prefix: Path) -> list[psutil.Process]:
     """Live processes running anything from the prefix (TorchServe's frontend and workers name it in argv)."""
     found = []
@@ -339,7 +325,7 @@ def test_replica_from_the_prefix_serves_refuses_and_drains(prefix: Path, model_s
             assert proc.poll() is None, f"the replica exited with {proc.returncode}"
             assert time.monotonic() < deadline, "the replica was not ready in 240 s"
             time.sleep(0.5)
-        known = replica_processes(proc)
+        known = process_tree(proc.pid)
         # exec: the entrypoint's process is the pod itself, on the prefix's interpreter; nothing runs from this checkout
         assert known[0].cmdline()[:3] == [str(prefix / "venv" / "bin" / "python"), "-m", "deploy.pod"]
         assert Path(known[0].cwd()) == prefix / "app"
@@ -373,7 +359,7 @@ def test_replica_from_the_prefix_serves_refuses_and_drains(prefix: Path, model_s
             assert subprocess.run(probe, env=env, capture_output=True, **user).returncode == 1
             assert client.predict(image).label == label  # still served while draining
         assert proc.wait(timeout=float(env["DRAIN_SECONDS"]) + 60) == 0
-        left = [p for p in known if alive(p)] + from_prefix(prefix)
+        left = alive(known) + from_prefix(prefix)
         assert not left, [p.cmdline() for p in left]
         assert tree(prefix) == installed, sorted(tree(prefix) ^ installed)[:10]  # the code stays as installed
     except BaseException:
