@@ -1,11 +1,12 @@
-"""The cluster rehearsal on one machine, for docs/: scenarios (a)-(d) of harness/rehearsal.py against three real
+"""The cluster rehearsal on one machine, for docs/: scenarios (a)-(e) of harness/rehearsal.py against real
 replicas behind haproxy, v1 = the fp32 model and v2 = the variant training.optimize --pick chose.
 
-    python -m benchmarks.cluster                                  # artifacts/resnet18, all four scenarios
+    python -m benchmarks.cluster                                  # artifacts/resnet18, all five scenarios
     python -m benchmarks.cluster --model artifacts/resnet18 --scenarios a,b --out /tmp/cluster
 
 Writes OUT/cluster.{json,md,png}. Every replica is `python -m deploy.pod`, the container's command; (d) pins
-each replica to one core, as a pod's CPU limit would, so adding a replica adds capacity on a 2-core machine.
+each replica to one core, as a pod's CPU limit would, so adding a replica adds capacity on a 2-core machine;
+(e) measures the CPU per request of the balancer and the gateway, which benchmarks.capacity adds to a replica's.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from handlers.machine import cpu_model
-from harness.rehearsal import canary, cluster, replica_loss, rolling_update, scale_out
+from harness.rehearsal import canary, cluster, cpu_cost, replica_loss, rolling_update, scale_out
 from harness.torchserve import ROOT
 from training import golden
 from training.package import PICK_KINDS, read_pick
 
 SCENARIOS = {"a": "replica loss (kill -9 under load)", "b": "rolling update v1 -> v2", "c": "canary 10% -> decision",
-             "d": "scale out 1 -> 2 one-core replicas"}
+             "d": "scale out 1 -> 2 one-core replicas", "e": "CPU per request by part, v2 on 3 replicas"}
 
 
 def build(model: Path, store: Path, version: str, *args: str) -> Path:
@@ -90,6 +91,10 @@ def markdown(report: dict[str, Any]) -> str:
                      f"**{r['decision']}** {r['reasons'] or ''}; by version: " + "; ".join(
                          f"v{v} {s['requests']} req, acc {s['accuracy']}, p99 {s['p99_ms']} ms"
                          for v, s in r["by_version"].items()))
+        elif key == "e":
+            extra = (f"{r['concurrency']} connections, {r['window_s']} s window, CPU ms per answered request: "
+                     + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items())
+                     + f" (the load generator: {r['client_cpu_ms_per_request']})")
         else:
             extra = (f"{r['replicas_before']} -> {r['replicas_after']} replicas: req/s {r['before']['rps']} -> "
                      f"{r['after']['rps']} (**{r['rps_ratio']}x**), p50 {r['before']['p50_ms']} -> "
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=ROOT / "artifacts" / "resnet18", help="fp32 model dir (v1)")
     p.add_argument("--pick", default="throughput", choices=PICK_KINDS,
                    help="the pick packaged as v2 (training.optimize --pick)")
-    p.add_argument("--scenarios", default="a,b,c,d")
+    p.add_argument("--scenarios", default="a,b,c,d,e")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     args = p.parse_args(argv)
@@ -130,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                 cores = [[i % os.cpu_count()] for i in range(2)] if (os.cpu_count() or 1) > 1 else None
                 with cluster(work / key, [v1, v1], images, cpus=cores, start=1) as c:
                     results[key] = scale_out(c, concurrency=2 * args.concurrency)
+            elif key == "e":
+                with cluster(work / key, [v2] * 3, images) as c:
+                    results[key] = cpu_cost(c, concurrency=4 * args.concurrency)
             else:
                 with cluster(work / key, [v1] * 3, images) as c:
                     if key == "a":

@@ -6,11 +6,13 @@ and traffic, each returning its figures. benchmarks/cluster.py runs them for doc
     (b) rolling_update  replace the replicas one at a time with a new archive version, under load
     (c) canary          a share of traffic to v2 on one replica, then promote or roll back from its figures
     (d) scale_out       add a replica under load
+    cpu_cost            CPU per answered request of each part (balancer, gateway, frontend, workers) at steady load
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import time
 from collections import Counter
@@ -19,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cluster import Balancer, Load, Outcome, Replica
+import psutil
+
+from harness.cluster import Balancer, Load, Outcome, Replica, process_tree
 from training.stats import percentile
 
 
@@ -244,4 +248,51 @@ def scale_out(c: Cluster, concurrency: int = 8, window_s: float = 15.0) -> dict[
         "p50_ratio": round(after["p50_ms"] / before["p50_ms"], 2) if before["p50_ms"] else None,
         "all": summary(outcomes, t_end), "marks": {"add": round(t_add, 2), "in_rotation": round(t_in, 2)},
         "timeline": timeline(outcomes),
+    }
+
+
+def part(p: psutil.Process) -> str:
+    """Which part of a replica (or the balancer) a process is, from its command line."""
+    cmd = " ".join(p.cmdline())
+    for needle, name in (("haproxy", "balancer"), ("oip_gateway", "gateway"), ("model_service_worker", "workers"),
+                         ("deploy.pod", "supervisor")):
+        if needle in cmd:
+            return name
+    return "frontend" if p.name() == "java" else "other"
+
+
+def cpu_seconds(processes: Sequence[psutil.Process]) -> dict[int, tuple[str, float]]:
+    """User + system CPU seconds so far, per pid, with its part."""
+    out = {}
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            out[p.pid] = (part(p), t.user + t.system)
+    return out
+
+
+def cpu_cost(c: Cluster, concurrency: int = 16, window_s: float = 20.0, settle_s: float = 3.0) -> dict[str, Any]:
+    """Steady load on every started replica; CPU ms per answered request of each part over one window. The
+    client's share is this process's CPU (the load threads), for scale: a real client runs elsewhere."""
+    load = c.load(concurrency)
+    time.sleep(settle_s)  # connections and batching settle
+    processes = [p for r in c.replicas for p in r.processes()]
+    if c.balancer.proc is not None:
+        processes += process_tree(c.balancer.proc.pid)
+    me = psutil.Process(os.getpid())
+    t0, before, client0 = load.now(), cpu_seconds(processes), sum(me.cpu_times()[:2])
+    time.sleep(window_s)
+    t1, after, client1 = load.now(), cpu_seconds(processes), sum(me.cpu_times()[:2])
+    outcomes = load.stop()
+    window = summary(load.window(t0, t1), t1 - t0)
+    answered = window["requests"] - window["failed"]
+    by_part: Counter[str] = Counter()
+    for pid, (name, seconds) in after.items():
+        by_part[name] += seconds - before.get(pid, (name, 0.0))[1]
+    ms = {name: round(1000 * s / answered, 3) for name, s in sorted(by_part.items())} if answered else {}
+    return {
+        "scenario": "cpu_cost", "replicas": sum(r.proc is not None for r in c.replicas), "concurrency": concurrency,
+        "window_s": round(t1 - t0, 2), "window": window, "cpu_ms_per_request": ms,
+        "client_cpu_ms_per_request": round(1000 * (client1 - client0) / answered, 3) if answered else None,
+        "all": summary(outcomes, load.now()), "timeline": timeline(outcomes),
     }

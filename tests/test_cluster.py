@@ -15,7 +15,7 @@ import requests
 
 from deploy.balancer import haproxy_config
 from harness.cluster import Replica, alive
-from harness.rehearsal import canary_verdict, cluster, replica_loss, rolling_update, summary
+from harness.rehearsal import canary_verdict, cluster, cpu_cost, replica_loss, rolling_update, summary
 from harness.tools import debian_tool
 from tests.conftest import ROOT, build_mar
 
@@ -60,6 +60,11 @@ def test_replica_loss_and_rolling_update(stores: dict[str, Path], images: list[t
         assert [s["exit_code"] for s in update["steps"]] == [0, 0, 0], update["steps"]  # drained, not killed
         assert set(update["during"]["versions"]) == {"1.0", "2.0"}, update["during"]
         assert set(update["after"]["versions"]) == {"2.0"}, update["after"]
+
+        cost = cpu_cost(c, concurrency=4, window_s=3, settle_s=1)  # what benchmarks.capacity reads
+        assert cost["window"]["failed"] == 0 and cost["window"]["requests"] > 10, cost["window"]
+        parts = cost["cpu_ms_per_request"]
+        assert all(parts.get(k, 0) > 0 for k in ("balancer", "gateway", "frontend", "workers")), parts
 
 
 def test_one_token_for_every_replica_and_a_drain(stores: dict[str, Path], images: list[tuple[bytes, str]],
