@@ -35,10 +35,12 @@ KEY_FILE = "key_file.json"  # written by TorchServe in the directory it was star
 # How an artifact is run (handlers/runtimes.py), and the file each runtime's artifact has by default.
 RUNTIMES = {"eager": STATE_DICT_FILE, "compile": STATE_DICT_FILE, "torchscript": TORCHSCRIPT_FILE,
             "export": EXPORTED_FILE, "aoti": "model.aoti.pt2", "onnxruntime": "model.onnx", "openvino": "model.xml",
-            "tensorrt": "model.trt.pt2"}
+            "tensorrt": "model.trt.pt2", "ensemble": "members.sha256"}
 # Files a runtime reads beside its artifact: suffix -> what it holds.
 COMPANIONS = {"openvino": (".bin",)}  # the IR's weights
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+FUSIONS = ("mean", "weighted", "cascade")
+MEMBERS_DIR = "members"  # an ensemble's members, each a model directory of its own, inside the ensemble's
 TASKS = ("classification", "regression")
 REBUILD_HINT = ("recreate it with python -m training.train (or the command that made this variant), "
                 "then rebuild the archive with build_mar.sh")
@@ -143,6 +145,45 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class Member:
+    """One model of an ensemble: its directory under members/, the variant it was copied from, its share."""
+
+    dir: str
+    variant: str
+    weight: float
+    files: list[str]  # what its runtime reads, beside its own metadata.json
+    test_top1: float
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How an ensemble combines its members' probabilities.
+
+    mean/weighted: sum of weight x softmax over all members. cascade: the first member answers when its top
+    probability reaches `threshold`; otherwise the second member answers.
+    """
+
+    kind: str
+    members: list[Member]
+    threshold: float | None = None
+    chosen_on: str = "val"  # the split the weights or the threshold were fitted on
+
+    def __post_init__(self) -> None:
+        if self.kind not in FUSIONS:
+            raise CardError(f"field 'fusion.kind' is {self.kind!r}; expected one of {', '.join(FUSIONS)}")
+        if len(self.members) < 2:
+            raise CardError(f"field 'fusion.members' has {len(self.members)} member(s); an ensemble needs two or more")
+        if self.kind == "cascade" and (len(self.members) != 2 or self.threshold is None
+                                       or not 0 < self.threshold <= 1):
+            raise CardError("a cascade has exactly two members (cheap, then big) and a 'fusion.threshold' in (0, 1]")
+        if self.kind != "cascade" and abs(sum(m.weight for m in self.members) - 1) > 1e-6:
+            raise CardError(f"field 'fusion.members' weights sum to {sum(m.weight for m in self.members)}, not 1")
+        for m in self.members:
+            if not m.dir or Path(m.dir).name != m.dir:
+                raise CardError(f"field 'fusion.members.dir' must be a directory name, got {m.dir!r}")
+
+
+@dataclass(frozen=True)
 class ModelCard:
     name: str  # the model name it is served under
     version: str
@@ -164,6 +205,7 @@ class ModelCard:
     training: dict[str, Any] | None = None  # history, seconds, autocast of the run that made the weights
     export: dict[str, Any] | None = None  # method and parity report of the export
     profile: Profile | None = None
+    fusion: Fusion | None = None  # runtime "ensemble" only: its members and how their outputs are combined
     details: dict[str, Any] = field(default_factory=dict)  # technique-specific facts (sparsity, pruning, notes)
     git_commit: str = "unknown"
     schema_version: int = SCHEMA_VERSION
@@ -182,6 +224,8 @@ class ModelCard:
             raise CardError(f"field 'task' is {self.task!r}; expected one of {', '.join(TASKS)}")
         if not self.labels:
             raise CardError("field 'labels' is empty; a model needs at least one output name")
+        if (self.runtime == "ensemble") != (self.fusion is not None):
+            raise CardError("field 'fusion' is required with runtime 'ensemble' and allowed with no other runtime")
         for name in ("artifact", "checkpoint"):
             value = getattr(self, name)
             if value is not None and (not value or Path(value).name != value):
@@ -191,7 +235,9 @@ class ModelCard:
     def files(self) -> list[str]:
         """The artifact and the files its runtime reads beside it, all in the model directory."""
         stem = Path(self.artifact).stem
-        return [self.artifact, *(stem + suffix for suffix in COMPANIONS.get(self.runtime, ()))]
+        members = [f"{MEMBERS_DIR}/{m.dir}/{name}" for m in (self.fusion.members if self.fusion else [])
+                   for name in (CARD_FILE, *m.files)]
+        return [self.artifact, *(stem + suffix for suffix in COMPANIONS.get(self.runtime, ())), *members]
 
     @property
     def num_classes(self) -> int:

@@ -8,6 +8,7 @@
     onnxruntime  an ONNX graph on ONNX Runtime's CPU execution provider (fp32, or int8 QDQ)
     openvino     an OpenVINO IR (.xml + .bin) on its CPU plugin (fp32, bf16 where the CPU has it, or int8)
     tensorrt     a Torch-TensorRT ExportedProgram (CUDA only)
+    ensemble     member model directories, each run by its own runtime, fused as the card's `fusion` says
 
 Each runtime imports its package only when an artifact needs it, so an archive of one runtime never pays for
 another's import, and a machine without openvino can still serve TorchScript.
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from handlers.contract import ModelCard
+from handlers.contract import MEMBERS_DIR, Fusion, ModelCard, sha256
 from handlers.deprecations import known_deprecations
 from handlers.loading import load_state_dict, model_from_state_dict
 
@@ -138,9 +139,53 @@ class TensorRT(Runtime):
         return torch.export.load(str(path)).module().to(device)
 
 
+class Fused:
+    """Members' probabilities combined; log-probabilities out, so the handler's softmax gives them back.
+
+    A cascade runs its second member only on the rows where the first one's top probability is below the
+    threshold, and counts them (`deferred` of `seen`)."""
+
+    def __init__(self, fusion: Fusion, members: list[Predictor]) -> None:
+        self.fusion, self.members = fusion, members
+        self.seen = self.deferred = 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.fusion.kind == "cascade":
+            cheap, big = self.members
+            probs = torch.softmax(cheap(batch).float(), 1)
+            defer = probs.max(1).values < self.fusion.threshold
+            self.seen, self.deferred = self.seen + len(batch), self.deferred + int(defer.sum())
+            if defer.any():
+                probs[defer] = torch.softmax(big(batch[defer]).float(), 1).to(probs.device)
+        else:
+            probs = sum(m.weight * torch.softmax(run(batch).float(), 1)
+                        for m, run in zip(self.fusion.members, self.members, strict=True))
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def verify_members(path: Path) -> None:
+    """The member files are the ones the ensemble was built and gated with (sha256sum lines in the artifact)."""
+    for line in path.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        if sha256(path.parent / name) != digest:
+            raise ValueError(f"{path.parent / name} is not the file this ensemble was built and gated with "
+                             "(sha256 differs); rebuild the ensemble variant and its archive")
+
+
+class Ensemble(Runtime):
+    def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
+        assert card.fusion is not None  # the card refuses runtime ensemble without one
+        verify_members(path)
+        members = []
+        for m in card.fusion.members:
+            member_dir = path.parent / MEMBERS_DIR / m.dir
+            members.append(load_model(member_dir, ModelCard.read(member_dir), device, threads))
+        return Fused(card.fusion, members)
+
+
 RUNTIMES: dict[str, Runtime] = {"eager": Eager(), "compile": Compiled(), "torchscript": TorchScript(),
                                 "export": Export(), "aoti": AOTInductor(), "onnxruntime": OnnxRuntime(),
-                                "openvino": OpenVINO(), "tensorrt": TensorRT()}
+                                "openvino": OpenVINO(), "tensorrt": TensorRT(), "ensemble": Ensemble()}
 
 
 def load_model(model_dir: Path, card: ModelCard, device: torch.device | str = "cpu",

@@ -111,6 +111,7 @@ def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | 
         shutil.copy2(src, extra / "handlers" / src.name)
     card.write(extra)
     for name in card.files[1:]:  # the artifact itself is the archiver's --serialized-file
+        (extra / name).parent.mkdir(parents=True, exist_ok=True)  # an ensemble's members keep their folders
         shutil.copy2(model_dir / name, extra / name)
     if card.data is not None:  # image models trained here: held-out images + build-time accuracy, for the canary
         golden.write(model_dir, extra)

@@ -28,9 +28,11 @@ from handlers.contract import (
     STATE_DICT_FILE,
     TORCHSCRIPT_FILE,
     CardError,
+    Fusion,
     Metrics,
     ModelCard,
     ParentRecord,
+    Profile,
     Recipe,
     git_commit,
     sha256,
@@ -88,7 +90,7 @@ class Transformed:
 
     model: torch.nn.Module  # what is exported, and what the export must match
     args: dict[str, Any]  # recorded in the recipe
-    float_model: torch.nn.Module  # params and MACs are counted on it
+    float_model: torch.nn.Module | None  # params and MACs are counted on it (None: `profile` says them)
     keep_checkpoint: bool = False  # save float_model's state_dict (it must load into build_model(architecture))
     architecture: str | None = None  # default: the source's
     export_method: str = "script"
@@ -96,6 +98,9 @@ class Transformed:
     tolerance: Tolerance = Tolerance()  # parity of the saved artifact against `model`
     training: dict[str, Any] | None = None  # a fine-tune or a student's training run
     details: dict[str, Any] = field(default_factory=dict)
+    cpu_only: bool = False  # beyond the technique's own: e.g. an ensemble with a CPU-only member
+    fusion: Fusion | None = None  # an ensemble's members and fusion
+    profile: Profile | None = None  # when there is no single float model to count
 
 
 @dataclass
@@ -260,16 +265,18 @@ def build(parent_dir: Path, technique: Technique, args: argparse.Namespace, name
                 artifact=exported.artifact,
                 precision=t.precision,
                 checkpoint=None,
-                cpu_only=technique.cpu_only,
+                cpu_only=technique.cpu_only or t.cpu_only,
                 cuda_only=technique.cuda_only,
                 architecture=t.architecture or source.card.architecture,
                 training=t.training if t.training is not None else source.card.training,
                 details=t.details,
-                profile=profile(t.float_model, parent.input.image_size),
+                profile=t.profile or profile(t.float_model, parent.input.image_size),
+                fusion=t.fusion,
                 metrics=Metrics(),
                 git_commit=git_commit(),
             )
             if t.keep_checkpoint:
+                assert t.float_model is not None
                 state = {k: v.detach().cpu() for k, v in t.float_model.state_dict().items()}
                 model_from_state_dict(card.architecture, card.num_classes, state)  # raises if it would not load back
                 torch.save(state, staging / STATE_DICT_FILE)
