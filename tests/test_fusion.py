@@ -30,8 +30,8 @@ def args(members: str, fusion: str = "mean") -> argparse.Namespace:
     """The techniques' own flags and defaults, as their command lines parse them."""
     parser = argparse.ArgumentParser()
     add_options(parser, [FP32, INT8, ENSEMBLE])
-    return parser.parse_args(["--members", members, "--fusion", fusion, "--calibration-images", "64",
-                              "--no-progress"])
+    return parser.parse_args(["--ensemble-members", members, "--cascade-members", members, "--fusion", fusion,
+                              "--calibration-images", "64", "--no-progress"])
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_a_changed_member_file_is_refused(parent: Path, tmp_path: Path) -> None:
 def test_members_must_exist_and_share_the_input(parent: Path) -> None:
     with pytest.raises(FileNotFoundError, match="member .*nope not found; build it first"):
         build(parent, ENSEMBLE, args("fp32,nope"), name="bad")
-    with pytest.raises(ValueError, match="two or more different variants"):
+    with pytest.raises(ValueError, match="needs two or more different variants"):
         build(parent, ENSEMBLE, args("fp32,fp32"), name="bad")
     with pytest.raises(ValueError, match="is itself an ensemble"):
         build(parent, ENSEMBLE, args("fp32,ensemble"), name="bad")

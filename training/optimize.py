@@ -46,6 +46,7 @@ from training.variants.aot_inductor import AOTI
 from training.variants.bf16 import BF16
 from training.variants.compiled import COMPILED
 from training.variants.distilled import DISTILLED
+from training.variants.ensemble import CASCADE, ENSEMBLE
 from training.variants.fp32 import FP32
 from training.variants.int8 import DYNAMIC_INT8, INT8, PRUNED_INT8
 from training.variants.onnx_runtime import ONNX_RUNTIME
@@ -56,13 +57,15 @@ from training.variants.tensorrt_engine import TENSORRT
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (FP32, SPARSE, PRUNED, INT8, PRUNED_INT8, DYNAMIC_INT8,
                                                          BF16, DISTILLED, *ONNX_RUNTIME, *OPENVINO, *AOTI,
-                                                         *COMPILED, *TENSORRT)}
-# Techniques on TorchScript, then the runtimes alone, then stacked on the pruned and distilled models. Variants
+                                                         *COMPILED, *TENSORRT, ENSEMBLE, CASCADE)}
+# Techniques on TorchScript, then the runtimes alone, then stacked on the pruned and distilled models, then
+# ensembles of those (their timing here is on random inputs, so a cascade's cost is benchmarks.fusion's). Variants
 # this machine cannot build (CUDA-only ones on a CPU host, bf16 without bf16 units) are skipped with the reason.
 DEFAULT_VARIANTS = ("fp32", "sparse", "pruned", "int8", "pruned_int8", "bf16", "distilled",
                     "onnxruntime", "onnxruntime_int8", "openvino", "openvino_bf16", "openvino_int8", "aoti", "compile",
                     "pruned_onnxruntime_int8", "pruned_openvino_int8", "distilled_onnxruntime_int8",
-                    "distilled_openvino_bf16", "distilled_openvino_int8", "aoti_cuda", "tensorrt_fp16")
+                    "distilled_openvino_bf16", "distilled_openvino_int8", "aoti_cuda", "tensorrt_fp16", "ensemble",
+                    "cascade")
 BASELINE = "fp32_eager"
 REPORT_DIR = "optimization"
 # Acceptance targets from the issue, checked (not asserted) in the report.
@@ -299,8 +302,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             made[name] = card
             print(f"[{i}/{len(args.variants)}] reused {describe(card)}", flush=True)
             continue
-        if TECHNIQUES[name].stacks_on in skipped:
-            skipped[name] = f"made from {TECHNIQUES[name].stacks_on}, which was skipped"
+        if missing := [r for r in TECHNIQUES[name].requires(args) if r in skipped]:
+            skipped[name] = f"made from {', '.join(missing)}, which was skipped"
             continue
         print(f"[{i}/{len(args.variants)}] {name} ...", flush=True)
         try:
@@ -413,9 +416,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"choose from {', '.join(TECHNIQUES)}\n")
     order = args.variants
     for name in order:
-        source = TECHNIQUES[name].stacks_on
-        if source in order and order.index(source) > order.index(name):
-            ap.exit(2, f"error: {name} is made from {source}; list {source} before it\n")
+        for source in TECHNIQUES[name].requires(args):
+            if source in order and order.index(source) > order.index(name):
+                ap.exit(2, f"error: {name} is made from {source}; list {source} before it\n")
     if args.threads < 1:
         ap.exit(2, "error: --threads must be at least 1\n")
     return args

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from handlers import machine
-from handlers.contract import MANIFEST_FILE, ModelCard, sha256
+from handlers.contract import MANIFEST_FILE, Explainer, ModelCard, sha256
 from training import golden
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,21 @@ def read_pick(parent_dir: Path, kind: str) -> Path:
     return Path(parent_dir) / "variants" / choice["variant"]
 
 
-def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | None) -> dict[str, str]:
+EXPLAIN_FILE = "explain.pth"
+
+
+def explainer_weights(model_dir: Path, card: ModelCard) -> tuple[Path, Explainer]:
+    """The fp32 parent's checkpoint (the model's own, for a parent) that explanations run on."""
+    parent_dir = Path(card.parent.dir) if card.parent else model_dir
+    parent = ModelCard.read(parent_dir) if card.parent else card
+    if parent.checkpoint is None or not (parent_dir / parent.checkpoint).is_file():
+        raise FileNotFoundError(f"--explain needs the fp32 parent's float checkpoint, and {parent_dir} has none; "
+                                f"train it with: python -m training.train --out {parent_dir}")
+    return parent_dir / parent.checkpoint, Explainer(EXPLAIN_FILE, parent.architecture, parent.variant)
+
+
+def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | None,
+          explain: bool = False) -> dict[str, str]:
     """Write OUT/model-config.yaml and OUT/extra/{metadata.json, handlers/}; return archive facts."""
     card = ModelCard.read(model_dir)
     artifact = model_dir / card.artifact
@@ -107,6 +121,10 @@ def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | 
         card = card.replace(version=version)
     extra = out / "extra"
     (extra / "handlers").mkdir(parents=True)
+    if explain:
+        weights, explainer = explainer_weights(model_dir, card)
+        shutil.copy2(weights, extra / EXPLAIN_FILE)
+        card = card.replace(explainer=explainer)
     for src in sorted((ROOT / "handlers").glob("*.py")):
         shutil.copy2(src, extra / "handlers" / src.name)
     card.write(extra)
@@ -147,6 +165,7 @@ def main() -> None:
     s.add_argument("--config", type=Path, default=ROOT / "handlers" / "model-config.yaml")
     s.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     s.add_argument("--version", default=None)
+    s.add_argument("--explain", action="store_true", help="pack the fp32 parent's weights for /explanations")
     k = sub.add_parser("pick", help="print the variant directory picked as KIND by training.optimize --pick")
     k.add_argument("parent_dir", type=Path)
     k.add_argument("kind", choices=PICK_KINDS)
@@ -158,7 +177,7 @@ def main() -> None:
         if args.cmd == "pick":
             print(read_pick(args.parent_dir, args.kind))
         elif args.cmd == "stage":
-            facts = stage(args.model_dir, args.out, args.config, args.device, args.version)
+            facts = stage(args.model_dir, args.out, args.config, args.device, args.version, args.explain)
             print("\n".join(f"{k}={v}" for k, v in facts.items()))
         else:
             entry = record(args.mar, args.model_dir)

@@ -124,6 +124,10 @@ class Technique:
     cuda_only: bool = False
     parity_hint = "try --method trace, or report the architecture as unsupported for TorchScript"
 
+    def requires(self, args: argparse.Namespace) -> list[str]:
+        """Variants of the same parent this one is made from, which must be built before it."""
+        return [self.stacks_on] if self.stacks_on else []
+
     def transform(self, source: Source, args: argparse.Namespace) -> Transformed:
         """The source model -> the transformed eager model, and what to record about it."""
         raise NotImplementedError

@@ -1,8 +1,8 @@
 """ensemble and cascade: variants of one parent, already built and gated, served together as one model.
 
-    python -m training.variants.ensemble artifacts/resnet18 --members int8,distilled_openvino_int8
-    python -m training.variants.ensemble artifacts/resnet18 --members int8,distilled --fusion weighted
-    python -m training.variants.ensemble artifacts/resnet18 --variant cascade --members distilled_openvino_int8,fp32
+    python -m training.variants.ensemble artifacts/resnet18                        # int8 + distilled_openvino_int8
+    python -m training.variants.ensemble artifacts/resnet18 --ensemble-members int8,distilled --fusion weighted
+    python -m training.variants.ensemble artifacts/resnet18 --variant cascade     # distilled_openvino_int8 -> fp32
 
 ensemble: the members' probabilities averaged (--fusion mean) or weighted, with the weights that minimise the
 validation split's log loss (--fusion weighted, a grid of step 0.1). cascade: the first (cheap) member answers
@@ -32,11 +32,15 @@ from training.technique import Exported, Option, Source, Technique, Transformed,
 PRECISION_ORDER = ("int8", "fp16", "bf16", "fp32")  # an ensemble is recorded at its lowest member precision
 
 
+def member_names(names: str) -> list[str]:
+    return [n.strip() for n in names.split(",") if n.strip()]
+
+
 def read_members(source: Source, names: str) -> list[tuple[Path, ModelCard]]:
-    """The variants named in --members, each built, evaluated and made for the same input as the parent."""
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    """The variants named, each built, evaluated and made for the same input as the parent."""
+    wanted = member_names(names)
     if len(wanted) < 2 or len(set(wanted)) != len(wanted):
-        raise ValueError(f"--members needs two or more different variants of {source.parent_dir}, got {names!r}")
+        raise ValueError(f"an ensemble needs two or more different variants of {source.parent_dir}, got {names!r}")
     members = []
     for name in wanted:
         vdir = variant_dir(source.parent_dir, name)
@@ -102,15 +106,22 @@ def fit_threshold(cheap: torch.Tensor, big: torch.Tensor, labels: torch.Tensor, 
 
 class Ensemble(Technique):
     recipe = "ensemble"
-    options = (Option("--members", "", "comma-separated variants of the parent (cascade: cheap first, then big)"),
-               Option("--fusion", "mean", "how ensemble members are combined", ("mean", "weighted")),
+    options = (Option("--ensemble-members", "int8,distilled_openvino_int8", "ensemble: comma-separated variants"),
+               Option("--fusion", "mean", "ensemble: how members' probabilities are combined", ("mean", "weighted")),
+               Option("--cascade-members", "distilled_openvino_int8,fp32", "cascade: the cheap variant, then the big"),
                Option("--cascade-drop", 0.0, "cascade: allowed validation top-1 drop vs the big member, points"))
 
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def members(self, args: argparse.Namespace) -> str:
+        return args.cascade_members if self.name == "cascade" else args.ensemble_members
+
+    def requires(self, args: argparse.Namespace) -> list[str]:
+        return member_names(self.members(args))
+
     def transform(self, source: Source, args: argparse.Namespace) -> Transformed:
-        members = read_members(source, args.members)
+        members = read_members(source, self.members(args))
         with known_deprecations():
             runs = [load_model(vdir, card) for vdir, card in members]
         val = [probabilities(run, source) for run in runs]
