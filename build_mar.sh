@@ -22,6 +22,8 @@ usage: build_mar.sh MODEL_DIR [options]
   --config FILE      model-config.yaml to pack (default: handlers/model-config.yaml)
   --device D         auto|cpu|gpu deviceType (default auto: gpu, or cpu for CPU-only variants)
   --budget PT        accuracy gate: allowed top-1 drop vs the fp32 parent, in points (default 0.5)
+  --explain          pack the fp32 parent's weights so POST /explanations/NAME answers (needs captum in
+                     the workers' environment: pip install captum==0.9.0)
   --store DIR        output directory (default: model_store)
   --force            overwrite an existing archive
 EOF
@@ -29,7 +31,7 @@ EOF
 die() { echo "error: $*" >&2; exit 1; }
 
 MODEL_DIR="" NAME="" VERSION="" ARCHIVE="" HANDLER="image_classifier" CONFIG="$ROOT/handlers/model-config.yaml"
-DEVICE="auto" BUDGET="0.5" STORE="$ROOT/model_store" FORCE=0 PICK=""
+DEVICE="auto" BUDGET="0.5" STORE="$ROOT/model_store" FORCE=0 PICK="" EXPLAIN=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) NAME="$2"; shift 2 ;;
@@ -42,6 +44,7 @@ while [[ $# -gt 0 ]]; do
     --budget) BUDGET="$2"; shift 2 ;;
     --store) STORE="$2"; shift 2 ;;
     --force) FORCE=1; shift ;;
+    --explain) EXPLAIN="--explain"; shift ;;
     -h|--help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option $1" ;;
     *) [[ -z "$MODEL_DIR" ]] || die "one MODEL_DIR only (got $MODEL_DIR and $1)"; MODEL_DIR="$1"; shift ;;
@@ -67,7 +70,7 @@ python -m training.gate "$MODEL_DIR" --budget "$BUDGET"
 
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
-FACTS="$(python -m training.package stage "$MODEL_DIR" "$STAGE" --config "$CONFIG" --device "$DEVICE" ${VERSION:+--version "$VERSION"})"
+FACTS="$(python -m training.package stage "$MODEL_DIR" "$STAGE" --config "$CONFIG" --device "$DEVICE" ${VERSION:+--version "$VERSION"} $EXPLAIN)"
 fact() { sed -n "s/^$1=//p" <<<"$FACTS"; }
 NAME="${NAME:-$(fact name)}"
 VERSION="$(fact version)"

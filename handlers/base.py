@@ -22,6 +22,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handlers import machine, protocols
 from handlers.contract import ModelCard
 from handlers.errors import InputError
+from handlers.explain import Saliency, overlay_png
 from handlers.protocols import Parsed, Protocol
 from handlers.runtimes import load_model
 
@@ -88,6 +89,7 @@ class ModelHandler(BaseHandler):
         self.version = model_info.get("modelVersion") or self.card.version
         self.batch_size = int(props.get("batch_size") or 1)
         self.served = protocols.Model(self.model_name, self.version, self.outputs())
+        self.saliency: Saliency | None = None  # built on the first explanation
         self.setup()
         self.warm_up()
         # A compile runtime compiles during the warm-up: start-up cost, reported rather than hidden.
@@ -242,6 +244,42 @@ class ModelHandler(BaseHandler):
         """TorchServe's describe call (management `?customized=true`) or a `describe: true` request header."""
         return self.headers(idx).get("describe", "").lower() == "true"
 
+    def is_explain(self, idx: int) -> bool:
+        """POST /explanations/{model}: TorchServe's frontend marks the request with an `explain: True` header."""
+        return self.headers(idx).get("explain", "").lower() == "true"
+
+    def explanation(self, idx: int, row: dict[str, Any]) -> Any:
+        """One input's top-label saliency, computed on the fp32 parent; 501 when the archive or Captum lacks it."""
+        try:
+            if self.card.explainer is None:
+                raise InputError("explanations_not_packed", f"this archive ({self.card.variant}) carries no weights "
+                                 "to explain with; rebuild it with build_mar.sh MODEL_DIR --explain", 501)
+            if self.saliency is None:
+                self.saliency = Saliency(self.model_dir, self.card.explainer, self.card.num_classes, self.device)
+            headers = self.headers(idx)
+            protocol, body = protocols.detect(protocols.body_of(row), headers)
+            parsed = protocol.parse(body, headers, self.served, int(self.options["max_bytes"]))
+            decoded = [self.decode(p) for payload in parsed.payloads for p in self.split_rows(payload)]
+            if len(decoded) != 1:
+                raise InputError("one_input", f"an explanation takes one input, got {len(decoded)}", 422)
+            (tensor,) = self.decode_batch(decoded)
+            if isinstance(tensor, InputError):
+                raise tensor
+            result = self.saliency(self.collate([tensor]), self.collate([torch.zeros_like(tensor)]))
+        except InputError as e:
+            return self.reject(idx, e, protocols.RAW)
+        except Exception as e:  # as for predictions: a 500 for this request, the worker stays
+            logger.exception("explanation failed for request %d", idx)
+            return self.reject(idx, server_fault("explanation", e), protocols.RAW)
+        grid = result.pop("grid")
+        out = {"label": self.card.labels[result["target"]], **result, "shape": list(grid.shape),
+               "saliency": [[round(v, 6) for v in line] for line in grid.tolist()], "model": self.model_card_ref()}
+        # A header, not ?png=true: TorchServe 0.12 passes no query parameters to /explanations.
+        if headers.get("x-explain-png", "").lower() == "true" and tensor.dtype == torch.uint8:
+            out["png"] = overlay_png(tensor.cpu(), grid)
+        self.context.set_response_content_type(idx, "application/json")
+        return out
+
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         self.context = context
         started = time.perf_counter()
@@ -251,6 +289,9 @@ class ModelHandler(BaseHandler):
         for idx, row in enumerate(data):
             if self.is_describe(idx):
                 responses[idx] = self.describe()
+                continue
+            if self.is_explain(idx):
+                responses[idx] = self.explanation(idx, row)
                 continue
             protocol: Protocol = protocols.RAW
             try:

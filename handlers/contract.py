@@ -145,6 +145,20 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class Explainer:
+    """The float model explanations run on (packed by build_mar.sh --explain): the fp32 parent's weights, even
+    when an int8 or other runtime variant serves the predictions."""
+
+    checkpoint: str  # state_dict file name in the archive
+    architecture: str
+    variant: str  # the variant those weights are
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint or Path(self.checkpoint).name != self.checkpoint:
+            raise CardError(f"field 'explainer.checkpoint' must be a file name, got {self.checkpoint!r}")
+
+
+@dataclass(frozen=True)
 class Member:
     """One model of an ensemble: its directory under members/, the variant it was copied from, its share."""
 
@@ -206,6 +220,7 @@ class ModelCard:
     export: dict[str, Any] | None = None  # method and parity report of the export
     profile: Profile | None = None
     fusion: Fusion | None = None  # runtime "ensemble" only: its members and how their outputs are combined
+    explainer: Explainer | None = None  # set in an archive built with --explain
     details: dict[str, Any] = field(default_factory=dict)  # technique-specific facts (sparsity, pruning, notes)
     git_commit: str = "unknown"
     schema_version: int = SCHEMA_VERSION

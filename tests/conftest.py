@@ -108,9 +108,10 @@ def copy_store(src: Path, dest: Path, *names: str) -> Path:
 
 @contextlib.contextmanager
 def serve(store: Path, workdir: Path, models: list[str], overrides: dict[str, str] | None = None,
-          allow_worker_deaths: bool = False, snapshot: bool = False) -> Iterator[TorchServe]:
+          allow_worker_deaths: bool = False, snapshot: bool = False, env: dict[str, str] | None = None
+          ) -> Iterator[TorchServe]:
     """Real TorchServe on free loopback ports; always stopped. Fails if a worker died, with the log tail."""
-    ts = TorchServe(workdir, store, overrides, snapshot=snapshot)
+    ts = TorchServe(workdir, store, overrides, snapshot=snapshot, env=env)
     try:
         ts.start(wait_for=models)
         yield ts

@@ -1,0 +1,94 @@
+"""POST /explanations/{model} under the real TorchServe: Integrated Gradients (Captum) on the fp32 parent packed by
+build_mar.sh --explain, also when an int8 variant serves the predictions; a clear 501 without Captum or without
+the packed weights; the saliency falls on the digit's strokes rather than the black background.
+
+Captum is not in the project's environment (tests/test_benchmarks.py checks it); the server that explains gets it
+on its workers' PYTHONPATH from benchmarks/.captum, as a user would install it in theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.tools import ensure_captum
+from harness.torchserve import TorchServe
+from tests.conftest import build_mar, copy_store, serve
+from training.technique import add_options, build, variant_dir
+from training.variants.int8 import INT8
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model: Path, model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits.mar (no explainer), digits_x.mar (fp32, --explain) and digits_int8_x.mar (int8, --explain)."""
+    parent = tmp_path_factory.mktemp("explain") / "parent"
+    shutil.copytree(tiny_model, parent)
+    parser = argparse.ArgumentParser()
+    add_options(parser, [INT8])
+    build(parent, INT8, parser.parse_args(["--calibration-images", "64", "--no-progress"]))
+    out = copy_store(model_store, tmp_path_factory.mktemp("explain_store"), "digits.mar")
+    build_mar(parent, out, "--name", "digits_x", "--explain")
+    build_mar(variant_dir(parent, "int8"), out, "--name", "digits_int8_x", "--explain", "--budget", "20")
+    return out
+
+
+def explain(ts: TorchServe, model: str, body: bytes, **headers: str) -> tuple[int, dict]:
+    r = ts.api.session.post(ts.url("inference", f"/explanations/{model}"), data=body,
+                            headers={**ts.api.auth("inference"), **headers}, timeout=120)
+    return r.status_code, r.json()
+
+
+def stroke_mask(png: bytes, side: int) -> torch.Tensor:
+    """The digit's pixels (bright on black), pooled to the saliency grid."""
+    grey = torch.tensor(list(Image.open(io.BytesIO(png)).convert("L").getdata()), dtype=torch.float32)
+    size = Image.open(io.BytesIO(png)).size
+    grey = grey.view(1, 1, size[1], size[0])
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grey, (side, side))[0, 0]
+    return pooled > 0.25 * pooled.max()
+
+
+def test_without_captum_or_without_weights_the_answer_is_501(store: Path, images, tmp_path: Path) -> None:
+    png = images[0][0]
+    with serve(store, tmp_path / "ts", ["digits", "digits_x"]) as ts:
+        pids = ts.api.worker_pids("digits_x")
+        status, body = explain(ts, "digits_x", png)
+        assert status == 501 and body["error"]["code"] == "explanations_unavailable", body
+        assert "pip install captum" in body["error"]["message"]
+        status, body = explain(ts, "digits", png)
+        assert status == 501 and body["error"]["code"] == "explanations_not_packed", body
+        assert "--explain" in body["error"]["message"]
+        assert ts.api.predict("digits_x", png).status_code == 200
+        assert ts.api.worker_pids("digits_x") == pids
+
+
+def test_saliency_falls_on_the_strokes_and_comes_from_the_float_parent(store: Path, images, tmp_path: Path) -> None:
+    with serve(store, tmp_path / "ts", ["digits_int8_x"], env={"PYTHONPATH": str(ensure_captum())}) as ts:
+        on_strokes, areas = [], []
+        for png, _ in images[:8]:
+            status, body = explain(ts, "digits_int8_x", png)
+            assert status == 200, body
+            assert body["explained_with"] == {"variant": "fp32", "architecture": "resnet18"}, body  # the parent
+            assert body["model"]["variant"] == "int8" and body["method"] == "integrated_gradients"
+            grid = torch.tensor(body["saliency"])
+            assert list(grid.shape) == body["shape"] and grid.shape[0] == grid.shape[1] <= 56
+            assert grid.sum().item() == pytest.approx(1.0, abs=1e-3) and (grid >= 0).all()
+            mask = stroke_mask(png, grid.shape[0])
+            on_strokes.append(grid[mask].sum().item())
+            areas.append(mask.float().mean().item())
+        # More than chance: the strokes hold a larger share of the saliency than of the image, image by image.
+        assert sum(s > a for s, a in zip(on_strokes, areas, strict=True)) >= 7, (on_strokes, areas)
+        assert sum(on_strokes) > 1.5 * sum(areas), (on_strokes, areas)
+
+        status, body = explain(ts, "digits_int8_x", images[0][0], **{"X-Explain-PNG": "true"})
+        assert status == 200 and Image.open(io.BytesIO(base64.b64decode(body["png"]))).format == "PNG"
+        status, body = explain(ts, "digits_int8_x", images[0][0][:200])
+        assert status == 400 and body["error"]["code"] == "corrupt_image", body
