@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 
 from benchmarks.tools import ensure_captum
+from handlers.image_classifier import ImageClassifier
+from harness.context import call, make_context, unpack_mar
 from harness.torchserve import TorchServe
 from tests.conftest import build_mar, copy_store, serve
 from training.technique import add_options, build, variant_dir
 from training.variants.int8 import INT8
-
-pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +57,22 @@ def stroke_mask(png: bytes, side: int) -> torch.Tensor:
 
 
 def test_without_captum_or_without_weights_the_answer_is_501(store: Path, images, tmp_path: Path) -> None:
+    """In process, where Captum is absent by design: each request gets its own answer, predictions go on."""
     png = images[0][0]
-    with serve(store, tmp_path / "ts", ["digits", "digits_x"]) as ts:
-        pids = ts.api.worker_pids("digits_x")
-        status, body = explain(ts, "digits_x", png)
-        assert status == 501 and body["error"]["code"] == "explanations_unavailable", body
-        assert "pip install captum" in body["error"]["message"]
-        status, body = explain(ts, "digits", png)
-        assert status == 501 and body["error"]["code"] == "explanations_not_packed", body
-        assert "--explain" in body["error"]["message"]
-        assert ts.api.predict("digits_x", png).status_code == 200
-        assert ts.api.worker_pids("digits_x") == pids
+    for mar, code, hint in (("digits_x.mar", "explanations_unavailable", "pip install captum"),
+                            ("digits.mar", "explanations_not_packed", "--explain")):
+        model_dir = unpack_mar(store / mar, tmp_path / mar)
+        handler, ctx = ImageClassifier(), make_context(model_dir)
+        handler.initialize(ctx)
+        rows = [{"body": bytearray(png)}, {"body": bytearray(png)}]
+        (status, body), (predicted, answer) = call(handler, ctx, rows, [{"explain": "True"}, {}])
+        assert status == 501 and body["error"]["code"] == code and hint in body["error"]["message"], body
+        ((alone, label),) = call(handler, ctx, [{"body": bytearray(png)}])
+        assert predicted == alone == 200 and answer["label"] == label["label"], answer
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_saliency_falls_on_the_strokes_and_comes_from_the_float_parent(store: Path, images, tmp_path: Path) -> None:
     with serve(store, tmp_path / "ts", ["digits_int8_x"], env={"PYTHONPATH": str(ensure_captum())}) as ts:
         on_strokes, areas = [], []
