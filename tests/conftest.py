@@ -126,10 +126,11 @@ def serve(store: Path, workdir: Path, models: list[str], overrides: dict[str, st
 
 
 @contextlib.contextmanager
-def serve_scalable(store: Path, workdir: Path, models: list[str]) -> Iterator[TorchServe]:
+def serve_scalable(store: Path, workdir: Path, models: list[str], overrides: dict[str, str] | None = None
+                   ) -> Iterator[TorchServe]:
     """`serve` for tests that scale a model to zero workers: that logs a deliberate WORKER_SCALED_DOWN, which
     is allowed; any other worker death still fails."""
-    with serve(store, workdir, models, allow_worker_deaths=True) as server:
+    with serve(store, workdir, models, overrides, allow_worker_deaths=True) as server:
         yield server
         crashes = [line for line in server.worker_deaths() if "SCALED_DOWN" not in line]
         assert not crashes, f"a TorchServe worker died: {crashes[:3]}\n{server.log_tail()}"

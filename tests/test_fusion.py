@@ -16,7 +16,8 @@ import torch
 
 from handlers.contract import CardError, Fusion, Member, ModelCard
 from handlers.runtimes import Fused, load_model
-from tests.conftest import build_mar, serve
+from tests.conftest import build_mar, serve_scalable
+from tests.test_deploy import deploy, ok
 from training import workflow
 from training.evaluate import predict
 from training.technique import add_options, build, variant_dir
@@ -135,7 +136,8 @@ def test_members_must_exist_and_share_the_input(parent: Path) -> None:
 @pytest.mark.slow
 def test_ensemble_cascade_and_workflow_serve_and_isolate_a_bad_input(parent: Path, images, tmp_path: Path) -> None:
     """One TorchServe: the ensemble and the cascade as single archives, and the ensemble as a workflow registered
-    through the workflow management API, which must answer as the single-archive ensemble does."""
+    through the workflow management API, which must answer as the single-archive ensemble does. Then the ensemble
+    is rolled out over the fp32 model as version 2.0 by the deploy tool: register, canary, promote."""
     store = tmp_path / "store"
     war = workflow.build(variant_dir(parent, "ensemble"), "digits_wf", store, budget=20)
     assert war.is_file() and sorted(p.name for p in store.glob("*.mar")) == ["digits_wf_fp32.mar",
@@ -144,12 +146,16 @@ def test_ensemble_cascade_and_workflow_serve_and_isolate_a_bad_input(parent: Pat
         workflow.build(variant_dir(parent, "cascade"), "digits_cascade_wf", store, budget=20)
     for name in ("ensemble", "cascade"):
         build_mar(variant_dir(parent, name), store, "--name", f"digits_{name}", "--budget", "20")
+    build_mar(parent, store, "--name", "digits", "--version", "1.0", "--archive", "digits-1.0")
+    build_mar(variant_dir(parent, "ensemble"), store, "--name", "digits", "--version", "2.0", "--archive",
+              "digits-2.0-ensemble", "--budget", "20")
     blobs = [png for png, _ in images]
     corrupt = blobs[0][: len(blobs[0]) // 2]
     bodies = [*blobs[:3], corrupt, *blobs[3:]]
     overrides = {"workflow_store": str(store), "enable_model_api": "true",
                  "load_models": "digits_ensemble.mar,digits_cascade.mar"}
-    with serve(store, tmp_path / "ts", ["digits_ensemble", "digits_cascade"], overrides) as ts:
+    # serve_scalable: the rollout retires 1.0, a deliberate scale-down
+    with serve_scalable(store, tmp_path / "ts", ["digits_ensemble", "digits_cascade"], overrides) as ts:
         single = {}
         for name in ("ensemble", "cascade"):
             model = f"digits_{name}"
@@ -177,3 +183,9 @@ def test_ensemble_cascade_and_workflow_serve_and_isolate_a_bad_input(parent: Pat
             assert got["probabilities"].keys() == want["probabilities"].keys()
             for label, p in want["probabilities"].items():
                 assert got["probabilities"][label] == pytest.approx(p, abs=1e-4)
+
+        ok(deploy(ts, store, "register", "digits-1.0.mar"))
+        out = ok(deploy(ts, store, "rollout", "digits-2.0-ensemble.mar", "--limit", "60", "--budget", "3",
+                        "--latency-factor", "100"))  # the gate is accuracy here; two members cost more time
+        assert "canary passed" in out and str(ts.api.describe("digits")[0]["modelVersion"]) == "2.0", out
+        assert ts.api.predict("digits", blobs[0]).json()["model"]["variant"] == "ensemble"
