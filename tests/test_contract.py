@@ -41,7 +41,8 @@ def test_the_card_round_trips_through_json(tiny_card: ModelCard, tmp_path: Path)
     (lambda d: d["metrics"]["test"].update(n=True), r"field 'metrics\.test\.n' must be int, got True"),
     (lambda d: d["data"]["spec"].update(test_fraction=0.9), r"field 'data\.spec': val_fraction .* together below 1"),
     (lambda d: d.update(runtime="tensorflow"), r"field 'runtime' is 'tensorflow'; expected one of eager, compile, "
-                                               r"torchscript, export, aoti, onnxruntime, openvino, tensorrt$"),
+                                               r"torchscript, export, aoti, onnxruntime, openvino, tensorrt, "
+                                               r"ensemble$"),
     (lambda d: d.update(precision="int4"), r"field 'precision' is 'int4'; expected one of fp32, bf16, fp16, int8$"),
     (lambda d: d.update(cpu_only=True, cuda_only=True), r"fields 'cpu_only' and 'cuda_only' are both true"),
     (lambda d: d.update(artifact="../model.pt"), r"field 'artifact' must be a file name inside the model directory"),

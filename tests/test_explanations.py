@@ -29,16 +29,21 @@ from training.variants.int8 import INT8
 
 @pytest.fixture(scope="module")
 def store(tiny_model: Path, model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits.mar (no explainer), digits_x.mar (fp32, --explain) and digits_int8_x.mar (int8, --explain)."""
-    parent = tmp_path_factory.mktemp("explain") / "parent"
+    """digits.mar (no explainer) and digits_x.mar (the same fp32 model, --explain)."""
+    out = copy_store(model_store, tmp_path_factory.mktemp("explain_store"), "digits.mar")
+    build_mar(tiny_model, out, "--name", "digits_x", "--explain")
+    return out
+
+
+def int8_with_explainer(tiny_model: Path, store: Path, workdir: Path) -> str:
+    """The tiny model's int8 variant, archived with --explain: predictions in int8, explanations on fp32."""
+    parent = workdir / "parent"
     shutil.copytree(tiny_model, parent)
     parser = argparse.ArgumentParser()
     add_options(parser, [INT8])
     build(parent, INT8, parser.parse_args(["--calibration-images", "64", "--no-progress"]))
-    out = copy_store(model_store, tmp_path_factory.mktemp("explain_store"), "digits.mar")
-    build_mar(parent, out, "--name", "digits_x", "--explain")
-    build_mar(variant_dir(parent, "int8"), out, "--name", "digits_int8_x", "--explain", "--budget", "20")
-    return out
+    build_mar(variant_dir(parent, "int8"), store, "--name", "digits_int8_x", "--explain", "--budget", "20")
+    return "digits_int8_x"
 
 
 def explain(ts: TorchServe, model: str, body: bytes, **headers: str) -> tuple[int, dict]:
@@ -73,11 +78,13 @@ def test_without_captum_or_without_weights_the_answer_is_501(store: Path, images
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_saliency_falls_on_the_strokes_and_comes_from_the_float_parent(store: Path, images, tmp_path: Path) -> None:
-    with serve(store, tmp_path / "ts", ["digits_int8_x"], env={"PYTHONPATH": str(ensure_captum())}) as ts:
+def test_saliency_falls_on_the_strokes_and_comes_from_the_float_parent(tiny_model: Path, store: Path, images,
+                                                                       tmp_path: Path) -> None:
+    model = int8_with_explainer(tiny_model, store, tmp_path)
+    with serve(store, tmp_path / "ts", [model], env={"PYTHONPATH": str(ensure_captum())}) as ts:
         on_strokes, areas = [], []
         for png, _ in images[:8]:
-            status, body = explain(ts, "digits_int8_x", png)
+            status, body = explain(ts, model, png)
             assert status == 200, body
             assert body["explained_with"] == {"variant": "fp32", "architecture": "resnet18"}, body  # the parent
             assert body["model"]["variant"] == "int8" and body["method"] == "integrated_gradients"
@@ -91,7 +98,7 @@ def test_saliency_falls_on_the_strokes_and_comes_from_the_float_parent(store: Pa
         assert sum(s > a for s, a in zip(on_strokes, areas, strict=True)) >= 7, (on_strokes, areas)
         assert sum(on_strokes) > 1.5 * sum(areas), (on_strokes, areas)
 
-        status, body = explain(ts, "digits_int8_x", images[0][0], **{"X-Explain-PNG": "true"})
+        status, body = explain(ts, model, images[0][0], **{"X-Explain-PNG": "true"})
         assert status == 200 and Image.open(io.BytesIO(base64.b64decode(body["png"]))).format == "PNG"
-        status, body = explain(ts, "digits_int8_x", images[0][0][:200])
+        status, body = explain(ts, model, images[0][0][:200])
         assert status == 400 and body["error"]["code"] == "corrupt_image", body
