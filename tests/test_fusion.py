@@ -135,46 +135,49 @@ def test_members_must_exist_and_share_the_input(parent: Path) -> None:
 @pytest.mark.server
 @pytest.mark.slow
 def test_ensemble_cascade_and_workflow_serve_and_isolate_a_bad_input(parent: Path, images, tmp_path: Path) -> None:
-    """One TorchServe: the ensemble and the cascade as single archives, and the ensemble as a workflow registered
-    through the workflow management API, which must answer as the single-archive ensemble does. Then the ensemble
-    is rolled out over the fp32 model as version 2.0 by the deploy tool: register, canary, promote."""
+    """One TorchServe. The ensemble is rolled out over the fp32 model as digits 2.0 by the deploy tool (register,
+    canary, promote, retire); it and the cascade answer as single archives; and the ensemble as a workflow,
+    registered through the workflow management API, must answer as the single archive does."""
     store = tmp_path / "store"
     war = workflow.build(variant_dir(parent, "ensemble"), "digits_wf", store, budget=20)
     assert war.is_file() and sorted(p.name for p in store.glob("*.mar")) == ["digits_wf_fp32.mar",
                                                                              "digits_wf_int8.mar"]
     with pytest.raises(ValueError, match="conditional edge"):
         workflow.build(variant_dir(parent, "cascade"), "digits_cascade_wf", store, budget=20)
-    for name in ("ensemble", "cascade"):
-        build_mar(variant_dir(parent, name), store, "--name", f"digits_{name}", "--budget", "20")
+    build_mar(variant_dir(parent, "cascade"), store, "--name", "digits_cascade", "--budget", "20")
     build_mar(parent, store, "--name", "digits", "--version", "1.0", "--archive", "digits-1.0")
     build_mar(variant_dir(parent, "ensemble"), store, "--name", "digits", "--version", "2.0", "--archive",
               "digits-2.0-ensemble", "--budget", "20")
+    images = images[:40]
     blobs = [png for png, _ in images]
     corrupt = blobs[0][: len(blobs[0]) // 2]
     bodies = [*blobs[:3], corrupt, *blobs[3:]]
-    overrides = {"workflow_store": str(store), "enable_model_api": "true",
-                 "load_models": "digits_ensemble.mar,digits_cascade.mar"}
+    overrides = {"workflow_store": str(store), "enable_model_api": "true", "load_models": "digits_cascade.mar"}
     # serve_scalable: the rollout retires 1.0, a deliberate scale-down
-    with serve_scalable(store, tmp_path / "ts", ["digits_ensemble", "digits_cascade"], overrides) as ts:
+    with serve_scalable(store, tmp_path / "ts", ["digits_cascade"], overrides) as ts:
+        ok(deploy(ts, store, "register", "digits-1.0.mar"))
+        out = ok(deploy(ts, store, "rollout", "digits-2.0-ensemble.mar", "--limit", "40", "--budget", "3",
+                        "--latency-factor", "100"))  # the gate is accuracy here; two members cost more time
+        assert "canary passed" in out and str(ts.api.describe("digits")[0]["modelVersion"]) == "2.0", out
+
         single = {}
-        for name in ("ensemble", "cascade"):
-            model = f"digits_{name}"
+        for model, variant in (("digits", "ensemble"), ("digits_cascade", "cascade")):
             with cf.ThreadPoolExecutor(8) as pool:
                 responses = list(pool.map(lambda b, m=model: ts.api.predict(m, b), bodies))
             bad = responses.pop(3)
             assert bad.status_code == 400 and bad.json()["error"]["code"] == "corrupt_image", bad.text[:300]
             assert all(r.status_code == 200 for r in responses), [r.text[:200] for r in responses]
-            single[name] = [r.json() for r in responses]
-            correct = sum(r["label"] == want for r, (_, want) in zip(single[name], images, strict=True))
+            single[variant] = [r.json() for r in responses]
+            correct = sum(r["label"] == want for r, (_, want) in zip(single[variant], images, strict=True))
             assert correct >= 0.9 * len(images), (model, correct, len(images))
-            assert single[name][0]["model"]["variant"] == name
+            assert single[variant][0]["model"]["variant"] == variant
 
         r = ts.api.manage("POST", "/workflows", params={"url": war.name})
         assert r.status_code == 200, r.text
         url = ts.url("inference", "/wfpredict/digits_wf")
-        with cf.ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(lambda b: ts.api.session.post(url, data=b, headers=ts.api.auth("inference"),
-                                                                      timeout=60), bodies))
+        # One at a time: under sustained concurrent requests TorchServe 0.12's workflow executor hangs until the
+        # node timeout (seen here in CI; pytorch/serve#3069), which is why the README prefers the single .mar.
+        responses = [ts.api.session.post(url, data=b, headers=ts.api.auth("inference"), timeout=60) for b in bodies]
         bad = responses.pop(3)  # TorchServe's workflows answer 200 or 500 only: the member's error is in the body
         assert bad.status_code == 200 and bad.json()["error"]["code"] == "corrupt_image", bad.text[:300]
         assert all(r.status_code == 200 for r in responses), [(r.status_code, r.text[:200]) for r in responses]
@@ -183,9 +186,3 @@ def test_ensemble_cascade_and_workflow_serve_and_isolate_a_bad_input(parent: Pat
             assert got["probabilities"].keys() == want["probabilities"].keys()
             for label, p in want["probabilities"].items():
                 assert got["probabilities"][label] == pytest.approx(p, abs=1e-4)
-
-        ok(deploy(ts, store, "register", "digits-1.0.mar"))
-        out = ok(deploy(ts, store, "rollout", "digits-2.0-ensemble.mar", "--limit", "60", "--budget", "3",
-                        "--latency-factor", "100"))  # the gate is accuracy here; two members cost more time
-        assert "canary passed" in out and str(ts.api.describe("digits")[0]["modelVersion"]) == "2.0", out
-        assert ts.api.predict("digits", blobs[0]).json()["model"]["variant"] == "ensemble"

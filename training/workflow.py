@@ -37,8 +37,8 @@ def spec(name: str, card: ModelCard, batch_size: int, delay_ms: int) -> dict:
     return {"models": models, "dag": {"pre_processing": members, **{m: ["aggregate"] for m in members}}}
 
 
-# Batch size 1 for every node: with batches of 8, eight concurrent requests hung a workflow here until its node
-# timeout (as in pytorch/serve#3069 and #1581); with 1 they did not.
+# Batch size 1 for every node: with batches of 8, eight concurrent requests hung a workflow here within seconds
+# until its node timeout (as in pytorch/serve#3069 and #1581); with 1 it took a hundred requests, but it still hung.
 def build(ensemble_dir: Path, name: str, store: Path, budget: float, batch_size: int = 1, delay_ms: int = 10,
           force: bool = False) -> Path:
     card = ModelCard.read(ensemble_dir)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", required=True, help="workflow name; members are served as <name>_<member>")
     ap.add_argument("--store", type=Path, default=ROOT / "model_store")
     ap.add_argument("--budget", type=float, default=0.5, help="each member's accuracy gate, points (build_mar.sh)")
-    ap.add_argument("--batch-size", type=int, default=1, help="per node; >1 hung under concurrent requests here")
+    ap.add_argument("--batch-size", type=int, default=1, help="per node; >1 hangs sooner under concurrent requests")
     ap.add_argument("--max-batch-delay", type=int, default=10, help="ms")
     ap.add_argument("--force", action="store_true", help="overwrite existing archives")
     args = ap.parse_args(argv)
