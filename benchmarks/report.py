@@ -123,13 +123,19 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["preprocess"]:
         lines.append(f"| {r['input']} | {r['threads']} | {r['ours_ms_per_image']:.3f} | "
                      f"{r['stock_ms_per_image']:.3f} | {r['speedup']:.2f}x |")
-    if result.get("load_70"):
-        a = result["load_70"]
-        lines += ["", "## Latency at ~70% of max throughput", "",
-                  f"{a['variant']}: max {a['max_rps']:.1f} req/s at {a['concurrency']} connections; with "
-                  f"{a['think_ms']:.1f} ms mean think time per connection it served {a['rps']:.1f} req/s "
-                  f"({100 * a['fraction']:.0f}% of max): p50 {a['p50_ms']:.1f} ms, p99 {a['p99_ms']:.1f} ms, "
-                  f"p99/p50 {a['p99_over_p50']:.2f}, errors {a['errors']}."]
+    if result.get("open_loop"):
+        lines += ["", "## Open loop: latency at a constant arrival rate", "",
+                  "locust (harness/open_loop.py): requests arrive at the rate whether or not earlier ones are "
+                  "answered, so queueing shows in the latency. Rates are shares of the same server's best "
+                  "closed-loop req/s on the digits above.", "",
+                  "| server | variant | workers × threads | offered | target req/s | achieved req/s | p50 ms | "
+                  "p90 ms | p99 ms | p99/p50 | errors | mean batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|"
+                  "---:|---:|---:|"]
+        for r in result["open_loop"]:
+            lines.append(f"| {r['server']} | {r['variant']} | {r['workers']} × {r['threads']} | "
+                         f"{r['fraction']:.0%} | {r['target_rps']:.1f} | {r['achieved_rps']:.1f} | "
+                         f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {fmt(r['p99_over_p50'], 2)} | "
+                         f"{r['errors']} | {fmt(r['server_metrics'].get('mean_batch'), 2)} |")
     lines += ["", f"Startup: `torchserve --start` to first successful prediction (default fp32 model): "
               f"{fmt(result.get('startup_s'), 2)} s.", ""]
     if result.get("startup_phases_s"):
@@ -142,15 +148,13 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """req/s against p99 for each server/variant on the digits, one point per concurrency level."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    """Left: req/s against p99 on the digits, one point per concurrency. Right: p50 and p99 against the
+    open-loop arrival rate."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     series: dict[str, list[dict[str, Any]]] = {}
     for r in result["served"]:
         if r["input"] == "digits":
-            label = f"{r['server']} {r['variant']}"
-            if r["server"] == "stock":
-                label += f" ({r.get('workers', 1)} × {r.get('threads', 'default')})"
-            series.setdefault(label, []).append(r)
+            series.setdefault(label_of(r), []).append(r)
     for label, rows in series.items():
         rows = sorted(rows, key=lambda r: r["concurrency"])
         ax.plot([r["p99_ms"] for r in rows], [r["rps"] for r in rows], marker="o", label=label,
@@ -162,12 +166,33 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("p99 latency (ms, log scale)")
     ax.set_ylabel("throughput (req/s, log scale)")
-    ax.set_title(f"Held-out digit JPEGs, {result['mode']} mode, {result['machine']['cpus']} CPUs")
+    ax.set_title(f"Closed loop, held-out digits, {result['mode']} mode, {result['machine']['cpus']} CPUs")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    looped: dict[str, list[dict[str, Any]]] = {}
+    for r in result.get("open_loop") or []:
+        looped.setdefault(label_of(r), []).append(r)
+    for label, rows in looped.items():
+        rows = sorted(rows, key=lambda r: r["fraction"])
+        line = ax2.plot([r["achieved_rps"] for r in rows], [r["p99_ms"] for r in rows], marker="o",
+                        label=f"{label} p99", linestyle="--" if label.startswith("stock") else "-")
+        ax2.plot([r["achieved_rps"] for r in rows], [r["p50_ms"] for r in rows], marker=".", alpha=0.6,
+                 color=line[0].get_color(), linestyle=":", label=f"{label} p50")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("arrival rate (req/s, log scale): 30/50/70/90% of each server's max")
+    ax2.set_ylabel("latency (ms, log scale)")
+    ax2.set_title("Open loop (locust), held-out digits")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def label_of(r: dict[str, Any]) -> str:
+    label = f"{r['server']} {r['variant']}"
+    return label + (f" ({r.get('workers', 1)} × {r.get('threads', 'default')})" if r["server"] == "stock" else "")
 
 
 def write(result: dict[str, Any], out: Path) -> None:

@@ -10,7 +10,8 @@
 Steps: inputs (held-out digit JPEGs, sklearn photos) -> in-process ceiling per variant (batch 1/8, with
 and without decode) -> preprocessing vs the stock PIL path -> archives (stock image_classifier on the
 fp32 TorchScript; ours via build_mar.sh for fp32 + every variant) -> startup time -> stock TorchServe
-under wrk -> ours under wrk -> latency at ~70% of max -> benchmarks/results/report.{json,md} + PNG.
+under wrk -> ours under wrk -> open loop (locust) at 30/50/70/90% of max for stock, ours fp32 and the fastest
+variant -> benchmarks/results/report.{json,md} + PNG.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from benchmarks.served import Bench
 from benchmarks.startup import startup_time
 from benchmarks.tools import ensure_captum
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard, git_commit
+from harness.open_loop import ensure_locust
 from harness.wrk_throughput import ensure_wrk
 from training.package import PICK_KINDS, read_pick
 
@@ -49,24 +51,26 @@ DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
 class Mode:
     name: str
     levels: tuple[int, ...]  # wrk connections
+    fractions: tuple[float, ...]  # open-loop arrival rates, as shares of the model's best closed-loop req/s
     duration_s: float
     digits: int | None  # how many held-out digits (None: the whole test split)
     min_time: float  # seconds per in-process timing
 
 
-QUICK = Mode("quick", (4,), 4, 24, 0.3)
-FULL = Mode("full", (1, 4, 16), 15, None, 3.0)
+QUICK = Mode("quick", (4,), (0.5,), 4, 24, 0.3)
+FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), 10, None, 3.0)
 
 
 def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str, batch: int,
                    sets: list[inputs.InputSet], mode: Mode, progress: tqdm, workers: int = 1,
-                   threads: str = "auto") -> list[dict[str, Any]]:
-    """Load one archive alone, drive it at each concurrency (digits) and once with the photos."""
-    rows = []
+                   threads: str = "auto", open_loop: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Load one archive alone and drive it closed-loop at each concurrency with the digits and the photos; with
+    `open_loop`, then at the mode's fractions of its best digits req/s, open-loop (rows appended there)."""
+    rows: list[dict[str, Any]] = []
     bench.register(name, mar, workers=workers)
     try:
         bench.warm(name, sets[0].files[0].read_bytes())
-        runs = [(sets[0], c) for c in mode.levels] + [(sets[1], mode.levels[len(mode.levels) // 2])]
+        runs = [(s, c) for s in sets for c in mode.levels]
         for s, c in runs:
             result, server_metrics = bench.measure(name, s.list_file, c, mode.duration_s)
             if result.requests == 0:  # slower than the window: measure once more, three times longer
@@ -76,43 +80,20 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
                          "server_metrics": server_metrics})
             progress.update(1)
             progress.set_postfix_str(f"{name} {s.name} c{c}: {result.rps:.1f} req/s")
+        if open_loop is not None:
+            peak = max((r for r in rows if r["input"] == "digits"), key=lambda r: r["rps"])
+            for fraction in mode.fractions:
+                result, server_metrics = bench.measure_open(name, sets[0].list_file, fraction * peak["rps"],
+                                                            mode.duration_s)
+                open_loop.append({"server": server, "model": name, "variant": variant, "workers": workers,
+                                  "threads": threads, "max_rps": peak["rps"], "fraction": fraction,
+                                  **result.to_dict(), "p99_over_p50": round(result.p99_ms / result.p50_ms, 3)
+                                  if result.p50_ms else None, "server_metrics": server_metrics})
+                progress.update(1)
+                progress.set_postfix_str(f"{name} open loop {fraction:.0%}: p99 {result.p99_ms:.1f} ms")
     finally:
         bench.unregister(name)
     return rows
-
-
-def load_70(bench: Bench, name: str, mar: str, digits: inputs.InputSet, rows: list[dict[str, Any]],
-            duration: float, attempts: int = 3) -> dict[str, Any]:
-    """Offered load near 70% of the variant's best req/s: the same connections, each pausing for an
-    exponential think time. A closed loop serves c / (latency + think), so each attempt sets the think
-    time from the latency the previous one measured; the attempt nearest 70% is reported."""
-    mine = [r for r in rows if r["model"] == name and r["input"] == "digits"]
-    peak = max(mine, key=lambda r: r["rps"])
-    c = max(peak["concurrency"], 4)
-    cycle_ms = c / (0.7 * peak["rps"]) * 1000  # latency + think per request, per connection
-    latency_ms = 1000 / peak["rps"]  # first guess: one service time, no queueing
-    tried = []
-    bench.register(name, mar)
-    try:
-        bench.warm(name, digits.files[0].read_bytes())
-        for _ in range(attempts):
-            think = max(0.0, cycle_ms - latency_ms)
-            result, server_metrics = bench.measure(name, digits.list_file, c, duration, think_ms=round(think, 1))
-            tried.append((abs(result.rps / peak["rps"] - 0.7), think, result, server_metrics))
-            if abs(result.rps / peak["rps"] - 0.7) <= 0.1:
-                break
-            latency_ms = result.mean_ms
-    finally:
-        bench.unregister(name)
-    _, think, result, server_metrics = min(tried, key=lambda t: t[0])
-    return {"variant": peak["variant"], "model": name, "max_rps": peak["rps"], "concurrency": c,
-            "think_ms": think, "requests": result.requests, "rps": result.rps,
-            "fraction": result.rps / peak["rps"], "p50_ms": result.p50_ms,
-            "p90_ms": result.p90_ms, "p99_ms": result.p99_ms, "errors": result.errors,
-            "p99_over_p50": result.p99_ms / result.p50_ms if result.p50_ms else float("inf"),
-            "attempts": [{"think_ms": round(t, 1), "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms}
-                         for _, t, r, _ in tried],
-            "server_metrics": server_metrics}
 
 
 def stock_settings(mode: Mode) -> list[tuple[int, str]]:
@@ -156,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     mode = QUICK if args.quick else FULL
     if args.duration:
-        mode = Mode(mode.name, mode.levels, args.duration, mode.digits, mode.min_time)
+        mode = Mode(mode.name, mode.levels, mode.fractions, args.duration, mode.digits, mode.min_time)
     model = args.model or ROOT / "artifacts" / ("resnet50" if args.gpu else "resnet18")
     if not (model / CARD_FILE).is_file():
         sys.exit(f"error: {model}/{CARD_FILE} not found; train and export the model first "
@@ -177,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.config.is_file():
         sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
     ensure_wrk()
+    ensure_locust()
     captum = ensure_captum()
     device = "gpu" if args.gpu else "cpu"
 
@@ -216,25 +198,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise RuntimeError(f"the fp32 archive could not be built: {notes[-1] if notes else 'unknown'}")
         startup_s, startup_phases_s = startup_time(ours[0][2], work)
 
-        runs = (len(mode.levels) + 1) * (len(stock_settings(mode)) + len(ours))
+        # open loop for stock, ours fp32 and the fastest (or picked) variant
+        looped = {"ours_fp32", f"ours_{picked}" if picked else max(
+            ours, key=lambda o: next((r["images_per_s"] for r in inproc if r["variant"] == o[1] and r["batch"] == 8
+                                      and r["decode"]), 0.0))[0]}
+        runs = (2 * len(mode.levels)) * (len(stock_settings(mode)) + len(ours)) + len(mode.fractions) * (
+            len(stock_settings(mode)) + len(looped))
         served: list[dict[str, Any]] = []
+        open_loop: list[dict[str, Any]] = []
         with tqdm(total=runs, desc="served", leave=False) as progress:
             print("[4/5] stock TorchServe image_classifier", file=sys.stderr)
             for workers, threads in stock_settings(mode):
                 env = {"PYTHONPATH": str(captum), **({"OMP_NUM_THREADS": threads} if threads != "default" else {})}
                 with Bench(work / f"ts-stock-{workers}", store, env=env) as bench:
                     served += measure_server(bench, "stock", "stock", stock_mar.name, "fp32", 1, sets, mode,
-                                             progress, workers, threads)
+                                             progress, workers, threads, open_loop)
             print("[5/5] this project's handler", file=sys.stderr)
             with Bench(work / "ts-ours", store) as bench:
                 for name, variant, mar in ours:
                     served += measure_server(bench, "ours", name, mar.name, variant, batch, sets, mode, progress,
                                              int(cfg.get("minWorkers", 1)),
-                                             str((cfg.get("handler") or {}).get("threads", "auto")))
-                add_ratios(served, inproc)
-                best = max((r for r in served if r["server"] == "ours" and r["input"] == "digits"),
-                           key=lambda r: r["rps"])
-                l70 = load_70(bench, best["model"], f"{best['model']}.mar", sets[0], served, mode.duration_s)
+                                             str((cfg.get("handler") or {}).get("threads", "lease")),
+                                             open_loop if name in looped else None)
+            add_ratios(served, inproc)
     finally:
         if args.keep:
             print(f"work dir kept: {work}", file=sys.stderr)
@@ -246,17 +232,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(time.monotonic() - t_start, 1),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": git_commit(), "machine": machine(), "versions": versions(),
-        "settings": {"levels": list(mode.levels), "duration_s": mode.duration_s, "config": str(args.config),
+        "settings": {"levels": list(mode.levels), "fractions": list(mode.fractions), "duration_s": mode.duration_s,
+                     "config": str(args.config),
                      "ours_config": {k: cfg.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers",
                                                              "maxWorkers")},
                      "model": str(model), "variants": [str(d) for d in dirs]},
         "inputs": [{"name": s.name, "count": len(s.files), "description": s.description} for s in sets],
-        "inprocess": inproc, "preprocess": pre, "served": served, "load_70": l70, "startup_s": startup_s,
+        "inprocess": inproc, "preprocess": pre, "served": served, "open_loop": open_loop, "startup_s": startup_s,
         "startup_phases_s": startup_phases_s,
         "notes": notes,
     }
     result["pick"] = {"kind": args.pick, "variant": picked} if picked else None
-    result["acceptance"] = acceptance(served, inproc, l70, startup_s, picked)
+    result["acceptance"] = acceptance(served, inproc, open_loop, startup_s, picked)
     report.write(result, args.out)
     print(report.markdown(result))
     print(f"wrote {args.out / 'report.json'}, report.md, {report.PLOT} ({result['wall_s']} s)", file=sys.stderr)

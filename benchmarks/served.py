@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from harness import wrk_throughput
+from harness import open_loop, wrk_throughput
 from harness.torchserve import TorchServe
 
 PROM_LINE = re.compile(r"^(\w+)\{([^}]*)\}\s+([-+0-9.eE]+|NaN)$")
@@ -96,6 +96,15 @@ class Bench:
         cpu["load_generator"] = children_cpu_seconds() - wrk_before
         after = parse_prometheus(api.metrics(), name)
         return result, {**server_side(before, after), **cpu_profile(cpu, result.requests, wall)}
+
+    def measure_open(self, name: str, list_file: Path, rate: float, duration_s: float
+                     ) -> tuple[open_loop.OpenLoopResult, dict[str, Any]]:
+        """Open-loop load at `rate` req/s (harness.open_loop), plus the server-side queue and handler time."""
+        api = self.ts.api
+        before = parse_prometheus(api.metrics(), name)
+        result = open_loop.run(api.url("inference", f"/predictions/{name}"), api.keys["inference"], list_file,
+                               rate, duration_s)
+        return result, server_side(before, parse_prometheus(api.metrics(), name))
 
 
 def cpu_seconds(group: int) -> dict[str, float]:

@@ -1,12 +1,17 @@
-"""Batching tuner: sweep batchSize x maxBatchDelay x workers for one variant, keep the fastest setting
-whose p99 stays under a bound, and write it into the model-config.yaml that build_mar.sh packs.
+"""Serving tuner: for a p99 target over the loads that matter, sweep workers x threads x batchSize x
+maxBatchDelay for one variant, and write the setting that serves most within the target across the whole load
+curve into the model-config.yaml that build_mar.sh packs.
 
-    python -m benchmarks.tune artifacts/resnet18/variants/int8 [--config handlers/model-config.yaml] \
-        [--p99-ms 100] [--batch 1,4,8,16] [--delay 2,10] [--workers 1,2] [-c 16] [-d 8] [--quick] [--dry-run]
+    python -m benchmarks.tune artifacts/resnet18 --p99-ms 100 [--loads 1,4,16,64] [--config handlers/model-config.yaml]
+        [--batch 1,8] [--delay 1,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--quick] [--dry-run]
 
-Each setting is a real archive (build_mar.sh --config <setting>) loaded alone into a real TorchServe
-and driven by wrk with the held-out digit JPEGs. Only the four lines batchSize, maxBatchDelay,
-minWorkers and maxWorkers of the config change; comments and other keys stay as they are.
+Each setting is a real archive (build_mar.sh --config <setting>) loaded alone into a real TorchServe and
+driven by wrk with the held-out digit JPEGs at every load (closed loop, that many connections). Stock
+TorchServe on the fp32 TorchScript of the same weights runs the same loads in the same run (its default and
+one single-threaded worker per core; the better at each load is the curve shown). A setting scores, at each
+load, its req/s over the best req/s any setting reached within the target there (0 when its p99 is over the
+target or it had errors); the highest sum wins, so every load counts the same. Only batchSize,
+maxBatchDelay, minWorkers, maxWorkers and handler.threads change in the config; comments stay.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import difflib
 import itertools
 import json
+import os
 import re
 import shutil
 import sys
@@ -22,57 +28,108 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import yaml
 from tqdm import tqdm
 
-from benchmarks import inputs
+from benchmarks import inputs, stock
 from benchmarks.archives import ROOT, BuildError, build_ours
+from benchmarks.environment import machine
 from benchmarks.served import Bench
-from handlers.contract import CARD_FILE
+from benchmarks.tools import ensure_captum
+from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
+THREAD_POLICIES = ("lease", "auto")
 
 
-def set_keys(text: str, values: dict[str, int]) -> str:
-    """Replace top-level `key: value` lines in YAML text, keeping each trailing comment in its column."""
+def set_keys(text: str, values: dict[str, int | str]) -> str:
+    """Replace `key: value` lines in YAML text (top level, or `section.key` one level down), keeping each
+    trailing comment in its column; a missing top-level key is appended."""
     lines = text.splitlines(keepends=True)
-    for key, value in values.items():
-        pattern = re.compile(rf"^({re.escape(key)}:[ \t]*)([^#]*?)([ \t]*#.*)?$")
-        for i, line in enumerate(lines):
-            body = line.rstrip("\r\n")
-            m = pattern.match(body)
-            if not m:
-                continue
-            eol = line[len(body):]
-            prefix, old, tail = m.group(1), m.group(2), m.group(3) or ""
-            comment = tail.strip()
-            new = f"{prefix}{value}"
-            if comment:
-                column = len(prefix) + len(old) + len(tail) - len(comment)
-                new += " " * max(1, column - len(new)) + comment
-            lines[i] = new + eol
-            break
-        else:
+    for dotted, value in values.items():
+        section, _, key = dotted.rpartition(".")
+        i = find_key(lines, section, key)
+        if i is None:
+            if section:
+                raise ValueError(f"no {dotted} line in the config; add `  {key}:` under `{section}:`")
             if lines and not lines[-1].endswith("\n"):
                 lines[-1] += "\n"
             lines.append(f"{key}: {value}\n")
+            continue
+        body = lines[i].rstrip("\r\n")
+        m = key_line(section, key).match(body)
+        assert m is not None
+        prefix, old, tail = m.group(1), m.group(2), m.group(3) or ""
+        comment = tail.strip()
+        new = f"{prefix}{value}"
+        if comment:
+            column = len(prefix) + len(old) + len(tail) - len(comment)
+            new += " " * max(1, column - len(new)) + comment
+        lines[i] = new + lines[i][len(body):]
     return "".join(lines)
 
 
-def setting_values(s: dict[str, int]) -> dict[str, int]:
-    return {"batchSize": s["batch_size"], "maxBatchDelay": s["max_batch_delay"],
-            "minWorkers": s["workers"], "maxWorkers": s["workers"]}
+def key_line(section: str, key: str) -> re.Pattern[str]:
+    indent = r"[ \t]+" if section else ""
+    return re.compile(rf"^({indent}{re.escape(key)}:[ \t]*)([^#]*?)([ \t]*#.*)?$")
 
 
-def pick(results: list[dict[str, Any]], p99_ms: float) -> dict[str, Any] | None:
-    """Highest req/s among settings that completed requests with zero errors and p99 under the bound."""
-    ok = [r for r in results if r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] <= p99_ms]
-    return max(ok, key=lambda r: r["rps"]) if ok else None
+def find_key(lines: list[str], section: str, key: str) -> int | None:
+    """Index of the line holding `key` at the top level, or one level inside `section`."""
+    pattern = key_line(section, key)
+    inside = not section
+    for i, line in enumerate(lines):
+        top = bool(line.strip()) and not line[0].isspace()
+        if section and top:
+            inside = line.startswith(f"{section}:")
+            continue
+        if inside and pattern.match(line.rstrip("\r\n")):
+            return i
+    return None
 
 
-def sweep(variant_dir: Path, base_config: Path, grid: list[dict[str, int]], concurrency: int, duration: float,
+def setting_values(s: dict[str, Any]) -> dict[str, int | str]:
+    return {"batchSize": s["batch_size"], "maxBatchDelay": s["max_batch_delay"], "minWorkers": s["workers"],
+            "maxWorkers": s["workers"], "handler.threads": s["threads"]}
+
+
+def score(results: list[dict[str, Any]], p99_ms: float) -> list[dict[str, Any]]:
+    """One row per setting with its curve and score: the sum over loads of its req/s over the best req/s
+    within the target at that load (0 where its p99 is over the target or it had errors)."""
+    def meets(r: dict[str, Any]) -> bool:
+        return r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] <= p99_ms
+
+    best = {}
+    for r in results:
+        if meets(r):
+            best[r["concurrency"]] = max(best.get(r["concurrency"], 0.0), r["rps"])
+    settings: dict[int, dict[str, Any]] = {}
+    for r in results:
+        row = settings.setdefault(r["setting"], {k: r[k] for k in ("setting", "batch_size", "max_batch_delay",
+                                                                   "workers", "threads")} | {"curve": [],
+                                                                                             "score": 0.0})
+        row["curve"].append({k: r[k] for k in ("concurrency", "rps", "p50_ms", "p99_ms", "errors")} | {
+            "meets": meets(r)})
+        if meets(r):
+            row["score"] += r["rps"] / best[r["concurrency"]]
+    for row in settings.values():
+        row["score"] = round(row["score"], 4)
+    return list(settings.values())
+
+
+def pick(settings: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The highest score; ties go to the most req/s in total. None when no setting met the target anywhere."""
+    ok = [s for s in settings if s["score"] > 0]
+    return max(ok, key=lambda s: (s["score"], sum(c["rps"] for c in s["curve"]))) if ok else None
+
+
+def sweep(variant_dir: Path, base_config: Path, grid: list[dict[str, Any]], loads: list[int], duration: float,
           work: Path, digits: inputs.InputSet, device: str = "cpu") -> list[dict[str, Any]]:
-    """Build, load and measure each setting; returns one row per setting."""
+    """Build, load and measure each setting at each load; one row per (setting, load)."""
     store = work / "store"
     base = yaml.safe_load(base_config.read_text()) or {}
     archives = []
@@ -83,22 +140,50 @@ def sweep(variant_dir: Path, base_config: Path, grid: list[dict[str, int]], conc
         archives.append(build_ours(variant_dir, store, f"t{i}", cfg_path, device))
     rows = []
     body = digits.files[0].read_bytes()
-    with Bench(work / "ts", store) as bench:
-        for i, (s, mar) in enumerate(zip(tqdm(grid, desc="measuring settings", leave=False), archives, strict=True)):
+    with Bench(work / "ts", store) as bench, tqdm(total=len(grid) * len(loads), desc="measuring") as progress:
+        for i, (s, mar) in enumerate(zip(grid, archives, strict=True)):
             name = f"t{i}"
             load_s = bench.register(name, mar.name)
             try:
                 bench.warm(name, body)
-                result, server = bench.measure(name, digits.list_file, concurrency, duration)
+                for c in loads:
+                    result, server = bench.measure(name, digits.list_file, c, duration)
+                    rows.append({"setting": i, **s, **result.to_dict(), "server_metrics": server,
+                                 "load_s": round(load_s, 2)})
+                    progress.update(1)
+                    progress.set_postfix_str(f"b{s['batch_size']} d{s['max_batch_delay']} w{s['workers']} "
+                                             f"{s['threads']} c{c}: {result.rps:.0f} req/s p99 {result.p99_ms:.0f}")
             finally:
                 bench.unregister(name)
-            rows.append({**s, **result.to_dict(), "server_metrics": server, "load_s": round(load_s, 2)})
     return rows
 
 
-def grid_of(batches: list[int], delays: list[int], workers: list[int]) -> list[dict[str, int]]:
-    return [{"batch_size": b, "max_batch_delay": d, "workers": w}
-            for b, d, w in itertools.product(batches, delays, workers)]
+def stock_curve(model_dir: Path, loads: list[int], duration: float, work: Path,
+                digits: inputs.InputSet) -> list[dict[str, Any]]:
+    """Stock TorchServe on the same fp32 TorchScript at each load: its default (1 worker) and one
+    single-threaded worker per core, the better req/s at each load."""
+    mar = stock.build(model_dir, work / "store", "stock")
+    cores = len(os.sched_getaffinity(0))
+    rows: dict[int, dict[str, Any]] = {}
+    for workers, env in ((1, {}), (cores, {"OMP_NUM_THREADS": "1"})):
+        with Bench(work / f"ts-stock-{workers}", work / "store", env={"PYTHONPATH": str(ensure_captum()), **env}
+                   ) as bench:
+            bench.register("stock", mar.name, workers=workers)
+            bench.warm("stock", digits.files[0].read_bytes())
+            for c in tqdm(loads, desc=f"stock, {workers} worker(s)", leave=False):
+                result, _ = bench.measure("stock", digits.list_file, c, duration)
+                if result.rps > rows.get(c, {}).get("rps", -1):
+                    rows[c] = {**result.to_dict(), "workers": workers, "threads": env.get("OMP_NUM_THREADS",
+                                                                                          "default")}
+    return [rows[c] for c in loads]
+
+
+def grid_of(batches: list[int], delays: list[int], workers: list[int], threads: list[str]) -> list[dict[str, Any]]:
+    """Every combination, less the ones that are the same setting (auto with one worker is every core, fixed:
+    the lease with nothing to share it with)."""
+    return [{"batch_size": b, "max_batch_delay": d, "workers": w, "threads": t}
+            for b, d, w, t in itertools.product(batches, delays, workers, threads)
+            if not (t == "auto" and w == 1 and "lease" in threads)]
 
 
 def ints(text: str) -> list[int]:
@@ -111,20 +196,92 @@ def ints(text: str) -> list[int]:
     return values
 
 
+def policies(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values or set(values) - set(THREAD_POLICIES):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(THREAD_POLICIES)}, got {text!r}")
+    return values
+
+
+def stock_model(variant_dir: Path) -> Path | None:
+    """The fp32 model directory holding the TorchScript stock TorchServe serves: the variant's own, or its parent's."""
+    for d in (variant_dir, variant_dir.parent.parent):
+        if (d / TORCHSCRIPT_FILE).is_file() and (d / CARD_FILE).is_file() and ModelCard.read(d).variant == "fp32":
+            return d
+    return None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    w, target = report["winner"], report["p99_bound_ms"]
+    lines = [f"# Tuning for p99 <= {target:g} ms over {report['loads']} connections", "",
+             f"{report['machine']['cpu']}, {report['machine']['cpus']} CPUs. Command: `{report['command']}`", "",
+             f"Winner: batchSize {w['batch_size']}, maxBatchDelay {w['max_batch_delay']} ms, {w['workers']} "
+             f"worker(s), threads {w['threads']} (score {w['score']:.2f} of {len(report['loads'])}).", "",
+             "| batch | delay ms | workers | threads | score | " + " | ".join(
+                 f"c{c} req/s (p99 ms)" for c in report["loads"]) + " |",
+             "|---:|---:|---:|---|---:|" + "---:|" * len(report["loads"])]
+    for s in sorted(report["settings"], key=lambda s: -s["score"]):
+        cells = [f"{c['rps']:.1f} ({c['p99_ms']:.0f}){'' if c['meets'] else ' ✗'}" for c in s["curve"]]
+        lines.append(f"| {s['batch_size']} | {s['max_batch_delay']} | {s['workers']} | {s['threads']} | "
+                     f"{s['score']:.2f} | " + " | ".join(cells) + " |")
+    if report["stock"]:
+        cells = [f"{c['rps']:.1f} ({c['p99_ms']:.0f})" for c in report["stock"]]
+        lines.append("| stock | 1 | best of 1 and cores | default / 1 | - | " + " | ".join(cells) + " |")
+        ratios = [f"c{c['concurrency']} {c['rps'] / s['rps']:.2f}x" for c, s in zip(w["curve"], report["stock"],
+                                                                                      strict=True)]
+        lines += ["", "Winner ÷ stock req/s: " + ", ".join(ratios) + "."]
+    lines += ["", "✗: p99 over the target, or errors. Closed loop (wrk), held-out digit JPEGs, "
+              f"{report['duration_s']:g} s per load.", "", "![tuned curve](tune.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """req/s and p99 against connections: every setting faint, the winner and stock bold."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    loads = report["loads"]
+    for s in report["settings"]:
+        chosen = s["setting"] == report["winner"]["setting"]
+        kw = {"color": "C0", "lw": 2.5, "label": "ours, tuned"} if chosen else {"color": "grey", "alpha": 0.3, "lw": 1}
+        ax.plot(loads, [c["rps"] for c in s["curve"]], marker="o", **kw)
+        ax2.plot(loads, [c["p99_ms"] for c in s["curve"]], marker="o", **kw)
+    if report["stock"]:
+        for a, key in ((ax, "rps"), (ax2, "p99_ms")):
+            a.plot(loads, [c[key] for c in report["stock"]], marker="s", color="C3", lw=2, ls="--",
+                   label="stock TorchServe (best setting per load)")
+    ax2.axhline(report["p99_bound_ms"], color="k", lw=1, ls=":", label=f"target {report['p99_bound_ms']:g} ms")
+    for a, ylabel in ((ax, "req/s"), (ax2, "p99 ms")):
+        a.set_xscale("log", base=2)
+        a.set_xticks(loads, [str(c) for c in loads])
+        a.set_xlabel("connections (closed loop)")
+        a.set_ylabel(ylabel)
+        a.grid(True, alpha=0.3)
+    ax2.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{report['variant']}: tuned for p99 <= {report['p99_bound_ms']:g} ms ({report['machine']['cpu']})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variant_dir", type=Path)
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model-config.yaml to update")
-    ap.add_argument("--p99-ms", type=float, default=100.0, help="latency bound on p99, in ms")
-    ap.add_argument("--batch", type=ints, default=None, help="batch sizes (default 1,4,8,16; quick 1,8)")
-    ap.add_argument("--delay", type=ints, default=None, help="maxBatchDelay ms (default 2,10; quick 5)")
+    ap.add_argument("--p99-ms", type=float, default=100.0, help="p99 target, in ms, at every load")
+    ap.add_argument("--loads", type=ints, default=None, help="connections (default 1,4,16,64; quick 1,8)")
+    ap.add_argument("--batch", type=ints, default=None, help="batch sizes (default 1,8; quick 1,8)")
+    ap.add_argument("--delay", type=ints, default=None, help="maxBatchDelay ms (default 1,5; quick 1)")
     ap.add_argument("--workers", type=ints, default=None, help="workers (default 1,2; quick 1)")
-    ap.add_argument("-c", "--concurrency", type=int, default=None, help="wrk connections (default 16; quick 8)")
-    ap.add_argument("-d", "--duration", type=float, default=None, help="seconds per setting (default 8; quick 2)")
+    ap.add_argument("--threads", type=policies, default=None,
+                    help="handler thread policies (default lease,auto; quick lease)")
+    ap.add_argument("-d", "--duration", type=float, default=None, help="seconds per load (default 5; quick 2)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--quick", action="store_true", help="a two-setting sweep for CI")
+    ap.add_argument("--quick", action="store_true", help="a two-setting sweep for CI, without stock")
     ap.add_argument("--dry-run", action="store_true", help="measure and report, but leave the config alone")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where tune.json goes")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                    help="where tune.json, tune.md and tune.png go")
     args = ap.parse_args(argv)
 
     card_file = args.variant_dir / CARD_FILE
@@ -133,39 +290,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.config.is_file():
         sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
     q = args.quick
-    grid = grid_of(args.batch or ([1, 8] if q else [1, 4, 8, 16]), args.delay or ([5] if q else [2, 10]),
-                   args.workers or ([1] if q else [1, 2]))
-    concurrency = args.concurrency or (8 if q else 16)
-    duration = args.duration or (2 if q else 8)
+    grid = grid_of(args.batch or [1, 8], args.delay or ([1] if q else [1, 5]), args.workers or ([1] if q else [1, 2]),
+                   args.threads or (["lease"] if q else list(THREAD_POLICIES)))
+    loads = args.loads or ([1, 8] if q else [1, 4, 16, 64])
+    duration = args.duration or (2 if q else 5)
+    parent = None if q else stock_model(args.variant_dir)
     work = Path(tempfile.mkdtemp(prefix="tune-"))
     try:
         digits = inputs.digits(args.variant_dir, work / "inputs", limit=32 if q else None)
-        rows = sweep(args.variant_dir, args.config, grid, concurrency, duration, work, digits, args.device)
+        stock_rows = stock_curve(parent, loads, duration, work, digits) if parent else []
+        rows = sweep(args.variant_dir, args.config, grid, loads, duration, work, digits, args.device)
     except BuildError as e:
         sys.exit(f"error: could not build the variant's archive: {e}")
-    except ValueError as e:  # a card that names no digits split
+    except ValueError as e:  # a card that names no digits split, a config without a handler section
         sys.exit(f"error: {e}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{'batch':>5} {'delay':>5} {'workers':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
-    for r in rows:
-        print(f"{r['batch_size']:>5} {r['max_batch_delay']:>5} {r['workers']:>7} {r['rps']:>8.1f} "
-              f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['errors']:>6}")
-    best = pick(rows, args.p99_ms)
-    report = {"variant_dir": str(args.variant_dir), "config": str(args.config), "p99_bound_ms": args.p99_ms,
-              "concurrency": concurrency, "duration_s": duration, "results": rows, "winner": best, "changed": False}
+    settings = score(rows, args.p99_ms)
+    best = pick(settings)
+    report = {"variant_dir": str(args.variant_dir), "variant": ModelCard.read(args.variant_dir).variant,
+              "config": str(args.config), "p99_bound_ms": args.p99_ms, "loads": loads, "duration_s": duration,
+              "machine": machine(), "command": "python -m benchmarks.tune " + " ".join(
+                  argv if argv is not None else sys.argv[1:]),
+              "results": rows, "settings": settings, "stock": stock_rows, "winner": best, "changed": False}
     args.out.mkdir(parents=True, exist_ok=True)
     if best is None:
         (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
         lowest = min(rows, key=lambda r: r["p99_ms"])
-        sys.exit(f"error: no setting kept p99 under {args.p99_ms:g} ms with zero errors (lowest p99 "
-                 f"{lowest['p99_ms']:.1f} ms at batch {lowest['batch_size']}); raise --p99-ms or lower -c")
+        sys.exit(f"error: no setting kept p99 under {args.p99_ms:g} ms with zero errors at any load (lowest p99 "
+                 f"{lowest['p99_ms']:.1f} ms at {lowest['concurrency']} connections); raise --p99-ms")
+    print("\n" + markdown(report))
     old = args.config.read_text()
     new = set_keys(old, setting_values(best))
-    print(f"\nwinner: batchSize {best['batch_size']}, maxBatchDelay {best['max_batch_delay']} ms, "
-          f"workers {best['workers']}: {best['rps']:.1f} req/s, p99 {best['p99_ms']:.1f} ms "
-          f"(bound {args.p99_ms:g} ms, {concurrency} connections)")
     diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(args.config),
                                         str(args.config)))
     if args.dry_run:
@@ -178,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"updated {args.config}; rebuild the archive with build_mar.sh to use it:\n{diff}")
     report["diff"] = diff
     (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "tune.md").write_text(markdown(report))
+    plot(report, args.out / "tune.png")
     return report
 
 

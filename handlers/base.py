@@ -8,9 +8,11 @@ lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,11 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import machine, protocols
 from handlers.contract import ModelCard
+from handlers.cores import CorePool
 from handlers.errors import InputError
 from handlers.explain import Saliency, overlay_png
 from handlers.protocols import Parsed, Protocol
-from handlers.runtimes import load_model
+from handlers.runtimes import RUNTIMES, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "max_pixels": 40_000_000,  # declared width x height, checked before decoding
     "amp": "none",  # "bf16" | "fp16" autocast on GPU
     "gpu_decode": False,  # nvjpeg JPEG decoding on GPU workers
-    "threads": "auto",  # torch intra-op threads per worker; auto: this machine's cores / maxWorkers
+    # Intra-op threads per worker. lease: each batch runs on the cores no other worker is using (handlers/cores.py);
+    # auto: a fixed share, this machine's cores / maxWorkers; or a fixed number.
+    "threads": "lease",
 }
 
 
@@ -79,6 +84,9 @@ class ModelHandler(BaseHandler):
         self.options = self.read_options(yaml_cfg.get("handler") or {})
         self.device = self.pick_device(props.get("gpu_id"))
         self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
+        leasing = self.options["threads"] == "lease" and self.device.type == "cpu"
+        self.cores = CorePool() if leasing else None
+        self.elastic = RUNTIMES[self.card.runtime].elastic
         torch.set_num_threads(self.threads)
         started = time.perf_counter()
         self.model = load_model(self.model_dir, self.card, self.device, self.threads)
@@ -156,12 +164,27 @@ class ModelHandler(BaseHandler):
         """Workers of one model share the machine's cores. torch's default (every core in each worker)
         oversubscribes them as soon as there are two workers, and its OpenMP threads then fight over cores."""
         value = self.options["threads"]
+        cores = len(os.sched_getaffinity(0))
+        if value == "lease":  # the most a batch can lease; a runtime fixed at load always runs this many
+            return cores if self.device.type == "cpu" else max(1, cores // max(1, int(workers)))
         if value == "auto":
-            return max(1, len(os.sched_getaffinity(0)) // max(1, int(workers)))
+            return max(1, cores // max(1, int(workers)))
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"handler option threads must be a positive integer or 'auto', got {value!r}; "
+            raise ValueError(f"handler option threads must be 'lease', 'auto' or a positive integer, got {value!r}; "
                              "fix it in model-config.yaml and rebuild the archive")
         return value
+
+    @contextlib.contextmanager
+    def leased_cores(self) -> Iterator[None]:
+        """Run the enclosed inference on leased cores: as many as are free for a torch runtime, all of them for
+        one whose thread count was fixed at load."""
+        if self.cores is None:
+            yield
+            return
+        with self.cores.lease(every=not self.elastic) as n:
+            if self.elastic and n != torch.get_num_threads():
+                torch.set_num_threads(n)
+            yield
 
     @staticmethod
     def read_options(given: dict[str, Any]) -> dict[str, Any]:
@@ -341,7 +364,8 @@ class ModelHandler(BaseHandler):
         try:
             batch = self.collate([it.tensor for it in items])
             t1 = time.perf_counter()
-            outputs = self.forward(batch).cpu()
+            with self.leased_cores():
+                outputs = self.forward(batch).cpu()
         except Exception as e:  # e.g. out of memory: answer every request in the batch, keep the worker
             logger.exception("inference failed for a batch of %d", len(items))
             for idx in {it.request for it in items}:
@@ -396,6 +420,7 @@ class ModelHandler(BaseHandler):
                 "version": self.version,
                 "device": str(self.device),
                 "threads": self.threads,
+                "thread_policy": "lease" if self.cores else "fixed",
                 "runtime": self.card.runtime,
                 "precision": self.card.precision,
                 "startup": self.startup,

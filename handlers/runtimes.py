@@ -34,6 +34,9 @@ class Runtime:
     """How one kind of artifact is loaded. Subclasses set `devices` and implement `load`."""
 
     devices: tuple[str, ...] = ("cpu", "cuda")
+    # True when the intra-op thread count follows torch.set_num_threads at every call; False when it is
+    # fixed at load (a session option, or a thread count compiled into the code).
+    elastic: bool = True
 
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         """The artifact at `path`, ready to call on batches on `device` with `threads` intra-op threads."""
@@ -47,6 +50,7 @@ class Eager(Runtime):
 
 
 class Compiled(Eager):
+    elastic = False  # Inductor's C++ bakes the thread count in
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         # freezing folds weights into constants and lets Inductor pre-pack them for oneDNN on CPU;
         # dynamic=True compiles one graph for every batch size above 1 rather than one per size.
@@ -66,6 +70,7 @@ class Export(Runtime):
 
 
 class AOTInductor(Runtime):
+    elastic = False
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         from torch._inductor import aoti_load_package
 
@@ -92,6 +97,7 @@ class NumpyPredictor:
 
 
 class OnnxRuntime(Runtime):
+    elastic = False
     devices = ("cpu",)
 
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
@@ -118,6 +124,7 @@ def openvino_config(precision: str, threads: int) -> dict[str, Any]:
 
 
 class OpenVINO(Runtime):
+    elastic = False
     devices = ("cpu",)
 
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
@@ -131,6 +138,7 @@ class OpenVINO(Runtime):
 
 
 class TensorRT(Runtime):
+    elastic = False
     devices = ("cuda",)
 
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
@@ -173,6 +181,7 @@ def verify_members(path: Path) -> None:
 
 
 class Ensemble(Runtime):
+    elastic = False
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         assert card.fusion is not None  # the card refuses runtime ensemble without one
         verify_members(path)

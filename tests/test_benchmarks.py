@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from benchmarks import run, tune
-from benchmarks.tune import pick, set_keys
+from benchmarks.tune import pick, score, set_keys
 from tests.conftest import ROOT
 
-TUNED_KEYS = {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers"}
+TUNED_KEYS = {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "  threads"}
 
 
 def test_captum_stays_out_of_the_project_environment() -> None:
@@ -35,14 +35,29 @@ def test_set_keys_changes_only_the_values_and_keeps_comments() -> None:
     assert yaml.safe_load(out)["handler"] == {"batchSize": 3}
 
 
-def test_pick_takes_the_fastest_setting_under_the_bound_with_no_errors() -> None:
-    rows = [{"rps": 50, "p99_ms": 80, "errors": 0}, {"rps": 90, "p99_ms": 150, "errors": 0},
-            {"rps": 70, "p99_ms": 90, "errors": 0}, {"rps": 99, "p99_ms": 10, "errors": 1},
-            {"rps": 0, "p99_ms": 0, "errors": 0, "requests": 0}]
-    for r in rows:
-        r.setdefault("requests", 10)
-    assert pick(rows, 100) == rows[2]
-    assert pick(rows, 5) is None
+def test_set_keys_sets_a_key_inside_its_section_only() -> None:
+    text = "threads: 9\nhandler:\n  topk: 5\n  threads: auto   # per worker\nother:\n  threads: 1\n"
+    out = set_keys(text, {"handler.threads": "lease"})
+    assert yaml.safe_load(out) == {"threads": 9, "handler": {"topk": 5, "threads": "lease"}, "other": {"threads": 1}}
+    assert "  threads: lease  # per worker" in out
+    with pytest.raises(ValueError, match="no handler.threads line"):
+        set_keys("handler:\n  topk: 5\nthreads: 1\n", {"handler.threads": "lease"})
+
+
+def row(setting: int, c: int, rps: float, p99: float, errors: int = 0) -> dict:
+    return {"setting": setting, "batch_size": 8, "max_batch_delay": 1, "workers": 1, "threads": "lease",
+            "concurrency": c, "rps": rps, "p50_ms": p99 / 2, "p99_ms": p99, "errors": errors, "requests": 10}
+
+
+def test_the_tuner_scores_the_whole_load_curve_within_the_target() -> None:
+    # setting 0 peaks highest at 64 connections but misses the target at 1; setting 1 is good everywhere
+    rows = [row(0, 1, 10, 150), row(0, 64, 200, 90), row(1, 1, 20, 50), row(1, 64, 180, 95),
+            row(2, 1, 30, 40, errors=1), row(2, 64, 300, 500)]
+    settings = score(rows, p99_ms=100)
+    assert [s["score"] for s in settings] == [1.0, 1.9, 0.0]
+    assert [c["meets"] for c in settings[0]["curve"]] == [False, True]
+    assert pick(settings)["setting"] == 1
+    assert pick(score(rows, p99_ms=1)) is None
 
 
 @pytest.mark.server
@@ -58,7 +73,12 @@ def test_quick_mode_runs_end_to_end_with_zero_errors(tiny_model: Path, tmp_path:
     for r in served:
         assert r["errors"] == 0 and r["requests"] > 0, r
         assert r["server_metrics"]["requests"] >= r["requests"], r  # TorchServe saw what wrk counted
-    assert result["load_70"]["errors"] == 0 and result["load_70"]["requests"] > 0
+    looped = result["open_loop"]  # locust at half of each server's best req/s
+    assert {(r["server"], r["variant"], r["fraction"]) for r in looped} == {("stock", "fp32", 0.5),
+                                                                           ("ours", "fp32", 0.5)}
+    for r in looped:
+        assert r["errors"] == 0 and r["requests"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
+        assert r["server_metrics"]["requests"] >= r["requests"], r  # TorchServe saw what locust counted
     phases = list(result["startup_phases_s"].values())
     assert phases == sorted(phases) and phases[-1] == round(result["startup_s"], 2)  # start-up phases in order
     assert {(r["batch"], r["decode"]) for r in result["inprocess"]} == {(1, True), (1, False), (8, True), (8, False)}
@@ -78,13 +98,17 @@ def test_tuner_writes_the_winner_into_the_config(tiny_model: Path, tmp_path: Pat
     before = config.read_text()
     report = tune.main([str(tiny_model), "--config", str(config), "--quick", "--p99-ms", "100000",
                         "--out", str(tmp_path / "out")])
-    assert len(report["results"]) == 2 and all(r["errors"] == 0 and r["requests"] > 0 for r in report["results"])
+    assert len(report["settings"]) == 2 and len(report["results"]) == 4  # batch 1 and 8, each at 1 and 8 connections
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in report["results"])
     winner = report["winner"]
-    assert winner["rps"] == max(r["rps"] for r in report["results"])
+    assert winner["score"] == max(s["score"] for s in report["settings"]) > 0
     cfg = yaml.safe_load(config.read_text())
-    assert (cfg["batchSize"], cfg["maxBatchDelay"], cfg["minWorkers"], cfg["maxWorkers"]) == (
-        winner["batch_size"], winner["max_batch_delay"], winner["workers"], winner["workers"])
+    tuned = (cfg["batchSize"], cfg["maxBatchDelay"], cfg["minWorkers"], cfg["maxWorkers"], cfg["handler"]["threads"])
+    assert tuned == (winner["batch_size"], winner["max_batch_delay"], winner["workers"], winner["workers"],
+                     winner["threads"])
     changed = [(a, b) for a, b in zip(before.splitlines(), config.read_text().splitlines(), strict=True) if a != b]
     assert changed and {a.split(":")[0] for a, _ in changed} <= TUNED_KEYS
-    assert report["changed"] and "+maxBatchDelay: 5" in report["diff"]
+    assert report["changed"] and "+maxBatchDelay: 1" in report["diff"]
     assert json.loads((tmp_path / "out" / "tune.json").read_text())["winner"] == json.loads(json.dumps(winner))
+    assert (tmp_path / "out" / "tune.png").stat().st_size > 0 and "Winner: batchSize" in (
+        tmp_path / "out" / "tune.md").read_text()

@@ -22,6 +22,7 @@ from handlers.imaging import Normalizer, decode_image, resize_batch
 from handlers.loading import build_model, load_state_dict
 from harness.context import call, make_context, unpack_mar
 from tests.bad_inputs import corpus
+from tests.test_cores import hold_cores
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +56,36 @@ def test_threads_per_worker(handler, model_dir: Path) -> None:
     h, _ = handler
     cores = len(os.sched_getaffinity(0))
     workers = yaml.safe_load((model_dir / "model-config.yaml").read_text())["maxWorkers"]
-    assert h.threads == max(1, cores // workers)  # the shipped config: threads auto
+    assert workers >= 1 and h.threads == cores and h.cores is not None  # the shipped config: threads lease
+    assert h.describe()["serving"]["thread_policy"] == "lease"
     probe = ImageClassifier()
+    probe.device = torch.device("cpu")
     probe.options = {"threads": "auto"}
     assert probe.pick_threads(1) == cores and probe.pick_threads(4 * cores) == 1
     probe.options = {"threads": 3}
     assert probe.pick_threads(2) == 3
     for bad in ("many", 0, True, 1.5):
         probe.options = {"threads": bad}
-        with pytest.raises(ValueError, match="threads must be a positive integer or 'auto'.*model-config.yaml"):
+        with pytest.raises(ValueError, match="threads must be 'lease', 'auto' or a positive integer.*model-config"):
             probe.pick_threads(1)
+
+
+def test_each_batch_runs_on_the_cores_it_leased(handler, tmp_path: Path) -> None:
+    """All cores when no other worker holds any; one fewer while another process holds one."""
+    h, ctx = handler
+    cores = len(os.sched_getaffinity(0))
+    seen: list[int] = []
+    forward = h.forward
+    h.forward = lambda batch: (seen.append(torch.get_num_threads()), forward(batch))[1]  # type: ignore[method-assign]
+    body = {"body": encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8)).numpy().tobytes()}
+    try:
+        assert call(h, ctx, [body])[0][0] == 200
+        if cores > 1:
+            with hold_cores(h.cores.directory, 1):
+                assert call(h, ctx, [body])[0][0] == 200
+    finally:
+        h.forward = forward  # type: ignore[method-assign]
+    assert seen == [cores, cores - 1][:len(seen)] and len(seen) == min(cores, 2)
 
 
 def test_an_unknown_handler_option_is_refused_naming_it(model_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,63 @@
+"""Workers lease the machine's cores per batch: a lone batch runs on every free core, busy workers split them.
+
+A fixed split (cores / workers threads each) leaves all but one core idle when one request is in flight;
+torch's default (every core in every worker) oversubscribes as soon as two workers are busy. A lease gives
+both: each core is a lock file shared by every worker on this machine (all models, all servers of this
+user), a batch takes the free ones, and waits for one only when none is free. fcntl locks die with their
+process, so a killed worker never keeps a core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def default_dir() -> Path:
+    """Shared by every worker of this user on this machine; /dev/shm when there is one (never on disk)."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return base / f"torchserve-cores-{os.getuid()}"
+
+
+class CorePool:
+    """The machine's cores as lock files; `lease` is the only verb."""
+
+    def __init__(self, cores: int | None = None, directory: Path | None = None) -> None:
+        self.cores = cores or len(os.sched_getaffinity(0))
+        self.directory = directory or default_dir()
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.fds = [os.open(self.directory / f"core-{i}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                    for i in range(self.cores)]
+        self.start = os.getpid() % self.cores  # where this worker looks first, so workers spread out
+
+    @contextlib.contextmanager
+    def lease(self, every: bool = False) -> Iterator[int]:
+        """Hold cores for one batch and yield how many: all free ones (at least one), or all of them if `every`."""
+        held: list[int] = []
+        try:
+            if every:  # a runtime whose thread count is fixed at load: wait for each core, in one global order
+                for fd in self.fds:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    held.append(fd)
+            else:
+                order = self.fds[self.start:] + self.fds[:self.start]
+                for fd in order:
+                    with contextlib.suppress(BlockingIOError):
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        held.append(fd)
+                if not held:  # every core busy: wait for ours; a waiter holds nothing, so none can deadlock
+                    fcntl.flock(order[0], fcntl.LOCK_EX)
+                    held.append(order[0])
+            yield len(held)
+        finally:
+            for fd in held:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []

@@ -1,0 +1,114 @@
+"""Open-loop load: requests arrive at a constant rate whether or not earlier ones have been answered, so queueing
+shows up in the latency (a closed loop such as wrk slows its own arrivals down instead).
+
+    python -m harness.open_loop URL TOKEN LIST_FILE --rate 200 [-d 10]
+
+The generator is locust (PyPI, in its own venv harness/.locust, installed on demand from
+harness/locust-requirements.txt). wrk2 is not packaged here; `hey -q` fires all its workers on one aligned
+ticker (bursts); h2load's --rps paces each connection; httperf reports no percentiles. locust's
+constant_throughput paces each of many users, spawned over one second so their phases spread; with at least
+half a second between one user's requests, a user only falls behind (and the arrivals stop being
+open-loop) when a response takes longer than that, which `achieved_rps` below would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from training.stats import percentile
+
+HERE = Path(__file__).resolve().parent
+VENV = HERE / ".locust"
+REQUIREMENTS = HERE / "locust-requirements.txt"
+LOCUSTFILE = HERE / "locustfile.py"
+USER_INTERVAL_S = 0.5  # seconds between one user's requests
+
+
+@dataclass
+class OpenLoopResult:
+    target_rps: float
+    achieved_rps: float
+    users: int
+    duration_s: float
+    requests: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+    errors: int
+    error_detail: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def ensure_locust() -> Path:
+    """The locust executable in harness/.locust, created with this Python when missing."""
+    exe = VENV / "bin" / "locust"
+    if exe.is_file():
+        return exe
+    print(f"installing locust into {VENV} ...", file=sys.stderr)
+    for cmd in ([sys.executable, "-m", "venv", str(VENV)],
+                [str(VENV / "bin" / "pip"), "install", "-q", "-r", str(REQUIREMENTS)]):
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"error: {' '.join(cmd)} failed ({result.stderr.strip()[-300:]}); run it by hand")
+    return exe
+
+
+def run(url: str, token: str, list_file: Path, rate: float, duration_s: float,
+        content_type: str = "image/jpeg") -> OpenLoopResult:
+    """`rate` requests/s for `duration_s` seconds after a one-second spawn, measured from the moment all users run."""
+    if not url.startswith("http://127.0.0.1:"):
+        raise ValueError(f"benchmark traffic goes to 127.0.0.1 only, not {url}")
+    if rate <= 0:
+        raise ValueError(f"rate must be positive, got {rate}")
+    host, _, path = url[len("http://"):].partition("/")
+    users = max(8, math.ceil(rate * USER_INTERVAL_S))
+    with tempfile.TemporaryDirectory(prefix="open-loop-") as tmp:
+        out = Path(tmp) / "record.json"
+        env = {**os.environ, "OPEN_LOOP_PATH": "/" + path, "OPEN_LOOP_TOKEN": token, "OPEN_LOOP_LIST": str(list_file),
+               "OPEN_LOOP_CONTENT_TYPE": content_type, "OPEN_LOOP_RATE_PER_USER": str(rate / users),
+               "OPEN_LOOP_OUT": str(out)}
+        env.pop("PYTHONPATH", None)
+        cmd = [str(ensure_locust()), "-f", str(LOCUSTFILE), "--headless", "--host", f"http://{host}",
+               "-u", str(users), "-r", str(users), "--run-time", f"{math.ceil(duration_s) + 1}s",
+               "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=duration_s + 120)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"locust failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+        record = json.loads(out.read_text())
+    lat = sorted(record["latencies_ms"])
+    secs = (record["stopped"] - record["started"]) if record["started"] else 0.0
+    errors = sum(record["errors"].values())
+    done = len(lat) + errors
+    lat = lat or [0.0]  # nothing answered: zeros, and `errors` says why
+    return OpenLoopResult(target_rps=rate, achieved_rps=round(done / secs, 2) if secs else 0.0, users=users,
+                          duration_s=round(secs, 3), requests=done - errors, p50_ms=round(percentile(lat, 50), 3),
+                          p90_ms=round(percentile(lat, 90), 3), p99_ms=round(percentile(lat, 99), 3),
+                          mean_ms=round(sum(lat) / len(lat), 3), max_ms=round(lat[-1], 3), errors=errors,
+                          error_detail=record["errors"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("url")
+    ap.add_argument("token")
+    ap.add_argument("list_file", type=Path)
+    ap.add_argument("--rate", type=float, required=True, help="requests per second")
+    ap.add_argument("-d", "--duration", type=float, default=10)
+    args = ap.parse_args()
+    print(json.dumps(run(args.url, args.token, args.list_file, args.rate, args.duration).to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The core lease (handlers/cores.py) across real processes and real fcntl locks."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from handlers.cores import CorePool
+
+CORES = len(os.sched_getaffinity(0))
+
+
+def _holder(directory: str, cores: int, held: mp.Event, release: mp.Event) -> None:
+    pool = CorePool(cores=cores, directory=Path(directory))
+    with pool.lease(every=True):
+        held.set()
+        release.wait(60)
+
+
+@contextlib.contextmanager
+def hold_cores(directory: Path, cores: int) -> Iterator[mp.Process]:
+    """Another process (another worker, as far as the pool can tell) holds cores 0..cores-1 until exit."""
+    ctx = mp.get_context("spawn")
+    held, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_holder, args=(str(directory), cores, held, release), daemon=True)
+    proc.start()
+    try:
+        assert held.wait(60), "the holder process never got its cores"
+        yield proc
+    finally:
+        release.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def test_a_lone_lease_takes_every_core(tmp_path: Path) -> None:
+    pool = CorePool(directory=tmp_path)
+    with pool.lease() as n:
+        assert n == CORES
+    with pool.lease(every=True) as n:
+        assert n == CORES
+
+
+@pytest.mark.skipif(CORES < 2, reason="needs 2 cores to split them")
+def test_a_lease_takes_only_the_cores_nobody_holds(tmp_path: Path) -> None:
+    pool = CorePool(directory=tmp_path)
+    with hold_cores(tmp_path, 1):
+        with pool.lease() as n:
+            assert n == CORES - 1
+    with pool.lease() as n:
+        assert n == CORES
+
+
+def test_with_every_core_held_a_lease_waits_until_one_is_free(tmp_path: Path) -> None:
+    pool = CorePool(directory=tmp_path)
+    got: list[int] = []
+
+    def lease() -> None:
+        with pool.lease() as n:
+            got.append(n)
+
+    with hold_cores(tmp_path, CORES):
+        waiter = threading.Thread(target=lease, daemon=True)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not got  # it cannot have a core while the holder has them all
+    waiter.join(30)
+    assert got and got[0] >= 1
+
+
+def test_a_killed_worker_gives_its_cores_back(tmp_path: Path) -> None:
+    pool = CorePool(directory=tmp_path)
+    with hold_cores(tmp_path, CORES) as holder:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        with pool.lease() as n:
+            assert n == CORES
