@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     directory = args.model_dir / "variants" / args.variant if args.variant else args.model_dir
     card = ModelCard.read(directory)
     if not RUNTIMES[card.runtime].elastic:
-        ap.exit(2, f"error: runtime {card.runtime} fixes its thread count at load; the handler leases all cores "
-                "for it and never re-sizes a pool, so there is nothing to measure\n")
+        ap.exit(2, f"error: runtime {card.runtime} fixes its thread count at load; the handler gives it a fixed "
+                "share of the cores and never re-sizes a pool, so there is nothing to measure\n")
     cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     model = load_model(directory, card, "cpu", cores)

@@ -84,9 +84,11 @@ class ModelHandler(BaseHandler):
         self.options = self.read_options(yaml_cfg.get("handler") or {})
         self.device = self.pick_device(props.get("gpu_id"))
         self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
-        leasing = self.options["threads"] == "lease" and self.device.type == "cpu"
+        # Only a runtime whose threads follow torch.set_num_threads leases; one fixed at load keeps the fixed
+        # share: leasing it every core serialized the workers (distilled_openvino_int8 at 16 connections: 310
+        # req/s leased, 446 with 2 workers x 1 thread, docs in README "Cores, batching and the tuner").
+        leasing = self.options["threads"] == "lease" and self.device.type == "cpu" and self.leases()
         self.cores = CorePool() if leasing else None
-        self.elastic = RUNTIMES[self.card.runtime].elastic
         torch.set_num_threads(self.threads)
         started = time.perf_counter()
         self.model = load_model(self.model_dir, self.card, self.device, self.threads)
@@ -165,24 +167,27 @@ class ModelHandler(BaseHandler):
         oversubscribes them as soon as there are two workers, and its OpenMP threads then fight over cores."""
         value = self.options["threads"]
         cores = len(os.sched_getaffinity(0))
-        if value == "lease":  # the most a batch can lease; a runtime fixed at load always runs this many
-            return cores if self.device.type == "cpu" else max(1, cores // max(1, int(workers)))
-        if value == "auto":
+        if value == "lease" and self.device.type == "cpu" and self.leases():
+            return cores  # the most a batch can lease
+        if value in ("auto", "lease"):
             return max(1, cores // max(1, int(workers)))
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"handler option threads must be 'lease', 'auto' or a positive integer, got {value!r}; "
                              "fix it in model-config.yaml and rebuild the archive")
         return value
 
+    def leases(self) -> bool:
+        """Whether this runtime's threads can follow a per-batch lease (torch's pool, resized per call)."""
+        return RUNTIMES[self.card.runtime].elastic
+
     @contextlib.contextmanager
     def leased_cores(self) -> Iterator[None]:
-        """Run the enclosed inference on leased cores: as many as are free for a torch runtime, all of them for
-        one whose thread count was fixed at load."""
+        """Run the enclosed inference on every core no other worker holds (at least one)."""
         if self.cores is None:
             yield
             return
-        with self.cores.lease(every=not self.elastic) as n:
-            if self.elastic and n != torch.get_num_threads():
+        with self.cores.lease() as n:
+            if n != torch.get_num_threads():
                 torch.set_num_threads(n)
             yield
 

@@ -35,23 +35,18 @@ class CorePool:
         self.start = os.getpid() % self.cores  # where this worker looks first, so workers spread out
 
     @contextlib.contextmanager
-    def lease(self, every: bool = False) -> Iterator[int]:
-        """Hold cores for one batch and yield how many: all free ones (at least one), or all of them if `every`."""
+    def lease(self) -> Iterator[int]:
+        """Hold every free core (at least one) for one batch, and yield how many."""
         held: list[int] = []
+        order = self.fds[self.start:] + self.fds[:self.start]
         try:
-            if every:  # a runtime whose thread count is fixed at load: wait for each core, in one global order
-                for fd in self.fds:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+            for fd in order:
+                with contextlib.suppress(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     held.append(fd)
-            else:
-                order = self.fds[self.start:] + self.fds[:self.start]
-                for fd in order:
-                    with contextlib.suppress(BlockingIOError):
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        held.append(fd)
-                if not held:  # every core busy: wait for ours; a waiter holds nothing, so none can deadlock
-                    fcntl.flock(order[0], fcntl.LOCK_EX)
-                    held.append(order[0])
+            if not held:  # every core busy: wait for ours; a waiter holds nothing, so none can deadlock
+                fcntl.flock(order[0], fcntl.LOCK_EX)
+                held.append(order[0])
             yield len(held)
         finally:
             for fd in held:

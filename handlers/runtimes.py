@@ -104,7 +104,7 @@ class OnnxRuntime(Runtime):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # the worker's share of the cores, as for torch
+        options.intra_op_num_threads = threads  # the worker's thread count, as for torch
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name

@@ -8,8 +8,8 @@ fp32: torch.onnx.export (the torch.export-based exporter) with a dynamic batch d
 graph, pre-processed (shape inference, graph optimization) and statically quantized by
 onnxruntime.quantization into QDQ form (per-channel int8 weights, uint8 activations with min/max ranges
 calibrated on un-augmented training images); ONNX Runtime fuses the QDQ pairs into int8 kernels (VNNI on
-x86). The worker's thread share sets the session's intra-op threads. CPU only here: the pinned wheel is
-onnxruntime's CPU build.
+x86). The worker's thread count (handler option `threads`) sets the session's intra-op threads. CPU only
+here: the pinned wheel is onnxruntime's CPU build.
 """
 
 from __future__ import annotations
