@@ -1,7 +1,10 @@
-"""Locust user for harness/open_loop.py: POST the listed images round-robin at a constant rate per user.
+"""Locust user for harness/open_loop.py: POST the listed images round-robin, arriving as a Poisson process.
 
-Runs inside locust (its own venv), configured by environment variables; it records every response time
-exactly (locust's own statistics round them to whole milliseconds) and writes them out when the run stops.
+Runs inside locust (its own venv), configured by environment variables. A user's task only schedules a request
+in its own gevent pool and returns, so arrivals never wait for answers (locust's usual user is a closed loop:
+once answers take longer than its pacing, its users fire together). Latency is measured from the arrival, so
+time spent waiting for a free connection counts too. Every response time is kept exactly (locust's own
+statistics round to whole milliseconds) and written out when the run stops.
 """
 
 from __future__ import annotations
@@ -9,34 +12,25 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import time
 from pathlib import Path
 
-from locust import FastHttpUser, constant_throughput, events, task
+from gevent.pool import Pool
+from locust import FastHttpUser, events, task
 
 PATH = os.environ["OPEN_LOOP_PATH"]
 HEADERS = {"Authorization": f"Bearer {os.environ['OPEN_LOOP_TOKEN']}",
            "Content-Type": os.environ.get("OPEN_LOOP_CONTENT_TYPE", "image/jpeg")}
 BODIES = [Path(p).read_bytes() for p in Path(os.environ["OPEN_LOOP_LIST"]).read_text().split()]
+RATE_PER_USER = float(os.environ["OPEN_LOOP_RATE_PER_USER"])
 NEXT = itertools.cycle(range(len(BODIES)))
-RECORD: dict = {"latencies_ms": [], "errors": {}, "started": None, "stopped": None}
+RECORD: dict = {"latencies_ms": [], "errors": {}, "arrived": 0, "started": None, "stopped": None}
 
 
 @events.spawning_complete.add_listener
-def _steady(user_count: int, **_: object) -> None:  # measure from here: every user is running
-    RECORD.update(latencies_ms=[], errors={}, started=time.monotonic())
-
-
-@events.request.add_listener
-def _record(response_time: float, exception: BaseException | None, response: object, **_: object) -> None:
-    if RECORD["started"] is None:
-        return
-    status = getattr(response, "status_code", 0)
-    if exception is not None or not 200 <= status < 300:
-        key = f"status_{status}" if status else type(exception).__name__
-        RECORD["errors"][key] = RECORD["errors"].get(key, 0) + 1
-    else:
-        RECORD["latencies_ms"].append(response_time)
+def _steady(user_count: int, **_: object) -> None:  # measure arrivals from here: every user is running
+    RECORD.update(latencies_ms=[], errors={}, arrived=0, started=time.monotonic())
 
 
 @events.test_stopping.add_listener
@@ -50,10 +44,31 @@ def _write(**_: object) -> None:
 
 
 class Client(FastHttpUser):
-    wait_time = constant_throughput(float(os.environ["OPEN_LOOP_RATE_PER_USER"]))
+    concurrency = 256  # connections one user may hold; arrivals beyond them wait for one, and that wait counts
+
+    def wait_time(self) -> float:
+        return random.expovariate(RATE_PER_USER)
+
+    def on_start(self) -> None:
+        self.pool = Pool()
+
+    def on_stop(self) -> None:
+        self.pool.join(timeout=60)
 
     @task
-    def predict(self) -> None:
-        with self.client.post(PATH, data=BODIES[next(NEXT)], headers=HEADERS, catch_response=True) as r:
+    def arrive(self) -> None:
+        self.pool.spawn(self.send, time.monotonic(), BODIES[next(NEXT)])
+
+    def send(self, arrived: float, body: bytes) -> None:
+        counted = RECORD["started"] is not None and arrived >= RECORD["started"] and RECORD["stopped"] is None
+        RECORD["arrived"] += counted
+        with self.client.post(PATH, data=body, headers=HEADERS, catch_response=True) as r:
             if not 200 <= r.status_code < 300:
                 r.failure(f"status {r.status_code}")
+        if not counted:
+            return
+        if 200 <= r.status_code < 300:
+            RECORD["latencies_ms"].append((time.monotonic() - arrived) * 1000)
+        else:
+            key = f"status_{r.status_code}" if r.status_code else type(r.error).__name__
+            RECORD["errors"][key] = RECORD["errors"].get(key, 0) + 1

@@ -4,11 +4,11 @@ shows up in the latency (a closed loop such as wrk slows its own arrivals down i
     python -m harness.open_loop URL TOKEN LIST_FILE --rate 200 [-d 10]
 
 The generator is locust (PyPI, in its own venv harness/.locust, installed on demand from
-harness/locust-requirements.txt). wrk2 is not packaged here; `hey -q` fires all its workers on one aligned
-ticker (bursts); h2load's --rps paces each connection; httperf reports no percentiles. locust's
-constant_throughput paces each of many users, spawned over one second so their phases spread; with at least
-half a second between one user's requests, a user only falls behind (and the arrivals stop being
-open-loop) when a response takes longer than that, which `achieved_rps` below would show.
+harness/locust-requirements.txt), driven by harness/locustfile.py: a few users, each a Poisson arrival process
+that hands every request to its own gevent pool, so an arrival never waits for an earlier answer, and latency
+counts from the arrival. wrk2 is not packaged here; `hey -q` fires all its workers on one aligned ticker
+(bursts); h2load's --rps and locust's own constant_throughput pace each connection or user by its answers, so
+once answers are slow their arrivals bunch up (measured: batches of 8 at 30% load).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 VENV = HERE / ".locust"
 REQUIREMENTS = HERE / "locust-requirements.txt"
 LOCUSTFILE = HERE / "locustfile.py"
-USER_INTERVAL_S = 0.5  # seconds between one user's requests
+USERS = 2  # each a Poisson process at rate / USERS; their sum is Poisson at `rate`
 
 
 @dataclass
@@ -73,7 +73,7 @@ def run(url: str, token: str, list_file: Path, rate: float, duration_s: float,
     if rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
     host, _, path = url[len("http://"):].partition("/")
-    users = max(8, math.ceil(rate * USER_INTERVAL_S))
+    users = USERS
     with tempfile.TemporaryDirectory(prefix="open-loop-") as tmp:
         out = Path(tmp) / "record.json"
         env = {**os.environ, "OPEN_LOOP_PATH": "/" + path, "OPEN_LOOP_TOKEN": token, "OPEN_LOOP_LIST": str(list_file),
@@ -82,15 +82,18 @@ def run(url: str, token: str, list_file: Path, rate: float, duration_s: float,
         env.pop("PYTHONPATH", None)
         cmd = [str(ensure_locust()), "-f", str(LOCUSTFILE), "--headless", "--host", f"http://{host}",
                "-u", str(users), "-r", str(users), "--run-time", f"{math.ceil(duration_s) + 1}s",
-               "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+               "--stop-timeout", "60", "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=duration_s + 120)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"locust failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
         record = json.loads(out.read_text())
     lat = sorted(record["latencies_ms"])
     secs = (record["stopped"] - record["started"]) if record["started"] else 0.0
+    unanswered = record["arrived"] - len(lat) - sum(record["errors"].values())
+    if unanswered > 0:  # still in flight when locust gave up waiting: failures, not silently dropped
+        record["errors"]["unanswered"] = unanswered
     errors = sum(record["errors"].values())
-    done = len(lat) + errors
+    done = record["arrived"]
     lat = lat or [0.0]  # nothing answered: zeros, and `errors` says why
     return OpenLoopResult(target_rps=rate, achieved_rps=round(done / secs, 2) if secs else 0.0, users=users,
                           duration_s=round(secs, 3), requests=done - errors, p50_ms=round(percentile(lat, 50), 3),
