@@ -72,6 +72,7 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
         bench.warm(name, sets[0].files[0].read_bytes())
         runs = [(s, c) for s in sets for c in mode.levels]
         for s, c in runs:
+            bench.warm(name, s.files[0].read_bytes(), n=1)  # returns once the last run's queue has drained
             result, server_metrics = bench.measure(name, s.list_file, c, mode.duration_s)
             if result.requests == 0:  # slower than the window: measure once more, three times longer
                 result, server_metrics = bench.measure(name, s.list_file, c, 3 * mode.duration_s)
@@ -83,6 +84,7 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
         if open_loop is not None:
             peak = max((r for r in rows if r["input"] == "digits"), key=lambda r: r["rps"])
             for fraction in mode.fractions:
+                bench.warm(name, sets[0].files[0].read_bytes(), n=1)
                 result, server_metrics = bench.measure_open(name, sets[0].list_file, fraction * peak["rps"],
                                                             mode.duration_s)
                 open_loop.append({"server": server, "model": name, "variant": variant, "workers": workers,

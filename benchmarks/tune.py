@@ -147,6 +147,7 @@ def sweep(variant_dir: Path, base_config: Path, grid: list[dict[str, Any]], load
             try:
                 bench.warm(name, body)
                 for c in loads:
+                    bench.warm(name, body, n=1)  # returns once the last load's queue has drained
                     result, server = bench.measure(name, digits.list_file, c, duration)
                     rows.append({"setting": i, **s, **result.to_dict(), "server_metrics": server,
                                  "load_s": round(load_s, 2)})
@@ -171,6 +172,7 @@ def stock_curve(model_dir: Path, loads: list[int], duration: float, work: Path,
             bench.register("stock", mar.name, workers=workers)
             bench.warm("stock", digits.files[0].read_bytes())
             for c in tqdm(loads, desc=f"stock, {workers} worker(s)", leave=False):
+                bench.warm("stock", digits.files[0].read_bytes(), n=1)
                 result, _ = bench.measure("stock", digits.list_file, c, duration)
                 if result.rps > rows.get(c, {}).get("rps", -1):
                     rows[c] = {**result.to_dict(), "workers": workers, "threads": env.get("OMP_NUM_THREADS",
