@@ -36,7 +36,8 @@ def hold_cores(directory: Path, cores: int) -> Iterator[mp.Process]:
         assert held.wait(60), "the holder process never got its cores"
         yield proc
     finally:
-        release.set()
+        if proc.is_alive():  # never touch the Event after a SIGKILL: the dead holder may own its lock
+            release.set()
         proc.join(10)
         if proc.is_alive():
             proc.kill()
