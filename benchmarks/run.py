@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shutil
 import sys
 import tempfile
@@ -98,11 +97,10 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
     return rows
 
 
-def stock_settings(mode: Mode) -> list[tuple[int, str]]:
-    """(workers, OMP_NUM_THREADS) for stock TorchServe: its one-worker default, and in full mode also one
-    worker per core with one thread each, the usual CPU tuning; the better of the two is the baseline."""
-    cores = len(os.sched_getaffinity(0))
-    return [(1, "default")] + ([(cores, "1")] if mode.name == "full" and cores > 1 else [])
+def fastest(inproc: list[dict[str, Any]], served: set[str]) -> str:
+    """Of the variants being served, the one with the most images/s in-process at batch 8, decode included."""
+    rows = [r for r in inproc if r["variant"] in served and r["batch"] == 8 and r["decode"]]
+    return max(rows, key=lambda r: r["images_per_s"])["variant"] if rows else "fp32"
 
 
 def served_config(base: Path, work: Path, amp: str | None) -> tuple[Path, dict[str, Any]]:
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
     ensure_wrk()
     ensure_locust()
-    captum = ensure_captum()
+    ensure_captum()  # before the long steps, so a failed install stops the run early
     device = "gpu" if args.gpu else "cpu"
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -201,18 +199,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         startup_s, startup_phases_s = startup_time(ours[0][2], work)
 
         # open loop for stock, ours fp32 and the fastest (or picked) variant
-        looped = {"ours_fp32", f"ours_{picked}" if picked else max(
-            ours, key=lambda o: next((r["images_per_s"] for r in inproc if r["variant"] == o[1] and r["batch"] == 8
-                                      and r["decode"]), 0.0))[0]}
-        runs = (2 * len(mode.levels)) * (len(stock_settings(mode)) + len(ours)) + len(mode.fractions) * (
-            len(stock_settings(mode)) + len(looped))
+        looped = {"ours_fp32", f"ours_{picked or fastest(inproc, {variant for _, variant, _ in ours})}"}
+        runs = (2 * len(mode.levels)) * (len(stock.settings(mode.name == "full")) + len(ours)) + len(mode.fractions) * (
+            len(stock.settings(mode.name == "full")) + len(looped))
         served: list[dict[str, Any]] = []
         open_loop: list[dict[str, Any]] = []
         with tqdm(total=runs, desc="served", leave=False) as progress:
             print("[4/5] stock TorchServe image_classifier", file=sys.stderr)
-            for workers, threads in stock_settings(mode):
-                env = {"PYTHONPATH": str(captum), **({"OMP_NUM_THREADS": threads} if threads != "default" else {})}
-                with Bench(work / f"ts-stock-{workers}", store, env=env) as bench:
+            for workers, threads in stock.settings(mode.name == "full"):
+                with Bench(work / f"ts-stock-{workers}", store, env=stock.server_env(threads)) as bench:
                     served += measure_server(bench, "stock", "stock", stock_mar.name, "fp32", 1, sets, mode,
                                              progress, workers, threads, open_loop)
             print("[5/5] this project's handler", file=sys.stderr)

@@ -81,8 +81,8 @@ class Bench:
                 raise RuntimeError(f"{name} answered {r.status_code} to a warm-up request: {r.text[:300]}\n"
                                    f"{self.ts.log_tail()}")
 
-    def measure(self, name: str, list_file: Path, concurrency: int, duration_s: float,
-                think_ms: float = 0.0) -> tuple[wrk_throughput.LoadResult, dict[str, Any]]:
+    def measure(self, name: str, list_file: Path, concurrency: int, duration_s: float
+                ) -> tuple[wrk_throughput.LoadResult, dict[str, Any]]:
         """wrk against /predictions/<name>, plus the server-side queue/handler time of those requests and
         the CPU time each process spent on them."""
         api = self.ts.api
@@ -90,7 +90,7 @@ class Bench:
         group = self.ts.proc.pid if self.ts.proc else os.getpgid(0)
         cpu_before, wrk_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
         result = wrk_throughput.run(api.url("inference", f"/predictions/{name}"), api.keys["inference"], list_file,
-                                    concurrency, duration_s, think_ms=think_ms)
+                                    concurrency, duration_s)
         wall = time.monotonic() - t0
         cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(group).items()}
         cpu["load_generator"] = children_cpu_seconds() - wrk_before

@@ -11,13 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.tools import ensure_captum
 from handlers.contract import TORCHSCRIPT_FILE, CardError, ModelCard
+
+
+def settings(full: bool = True) -> list[tuple[int, str]]:
+    """(workers, OMP_NUM_THREADS) to serve stock with: its one-worker default and, when `full`, one worker per core
+    with one thread each, the usual CPU tuning; benchmarks compare against the better of the two."""
+    cores = len(os.sched_getaffinity(0))
+    return [(1, "default")] + ([(cores, "1")] if full and cores > 1 else [])
+
+
+def server_env(threads: str) -> dict[str, str]:
+    """The environment a stock TorchServe needs: captum for its handler, and the setting's OMP_NUM_THREADS."""
+    return {"PYTHONPATH": str(ensure_captum()), **({"OMP_NUM_THREADS": threads} if threads != "default" else {})}
 
 
 def build(model_dir: Path, store: Path, name: str = "stock") -> Path:

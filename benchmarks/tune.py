@@ -20,7 +20,6 @@ import argparse
 import difflib
 import itertools
 import json
-import os
 import re
 import shutil
 import sys
@@ -36,7 +35,6 @@ from benchmarks import inputs, stock
 from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine
 from benchmarks.served import Bench
-from benchmarks.tools import ensure_captum
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
 
 matplotlib.use("Agg")
@@ -164,19 +162,16 @@ def stock_curve(model_dir: Path, loads: list[int], duration: float, work: Path,
     """Stock TorchServe on the same fp32 TorchScript at each load: its default (1 worker) and one
     single-threaded worker per core, the better req/s at each load."""
     mar = stock.build(model_dir, work / "store", "stock")
-    cores = len(os.sched_getaffinity(0))
     rows: dict[int, dict[str, Any]] = {}
-    for workers, env in ((1, {}), (cores, {"OMP_NUM_THREADS": "1"})):
-        with Bench(work / f"ts-stock-{workers}", work / "store", env={"PYTHONPATH": str(ensure_captum()), **env}
-                   ) as bench:
+    for workers, threads in stock.settings():
+        with Bench(work / f"ts-stock-{workers}", work / "store", env=stock.server_env(threads)) as bench:
             bench.register("stock", mar.name, workers=workers)
             bench.warm("stock", digits.files[0].read_bytes())
             for c in tqdm(loads, desc=f"stock, {workers} worker(s)", leave=False):
                 bench.warm("stock", digits.files[0].read_bytes(), n=1)
                 result, _ = bench.measure("stock", digits.list_file, c, duration)
                 if result.rps > rows.get(c, {}).get("rps", -1):
-                    rows[c] = {**result.to_dict(), "workers": workers, "threads": env.get("OMP_NUM_THREADS",
-                                                                                          "default")}
+                    rows[c] = {**result.to_dict(), "workers": workers, "threads": threads}
     return [rows[c] for c in loads]
 
 

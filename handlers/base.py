@@ -73,6 +73,7 @@ class ModelHandler(BaseHandler):
     accepts = "a JSON tensor matching the model's input shape"
     # The input the Open Inference Protocol metadata declares: (name, datatype).
     oip_input = ("input", "FP32")
+    cores: CorePool | None = None  # set in initialize when batches lease cores (threads: lease, torch runtime, CPU)
 
     def initialize(self, context: Any) -> None:
         self.context = context
@@ -83,12 +84,13 @@ class ModelHandler(BaseHandler):
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.options = self.read_options(yaml_cfg.get("handler") or {})
         self.device = self.pick_device(props.get("gpu_id"))
-        self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
         # Only a runtime whose threads follow torch.set_num_threads leases; one fixed at load keeps the fixed
         # share: leasing it every core serialized the workers (distilled_openvino_int8 at 16 connections: 310
         # req/s leased, 446 with 2 workers x 1 thread, docs in README "Cores, batching and the tuner").
-        leasing = self.options["threads"] == "lease" and self.device.type == "cpu" and self.leases()
+        elastic = RUNTIMES[self.card.runtime].elastic
+        leasing = self.options["threads"] == "lease" and self.device.type == "cpu" and elastic
         self.cores = CorePool() if leasing else None
+        self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
         torch.set_num_threads(self.threads)
         started = time.perf_counter()
         self.model = load_model(self.model_dir, self.card, self.device, self.threads)
@@ -167,18 +169,14 @@ class ModelHandler(BaseHandler):
         oversubscribes them as soon as there are two workers, and its OpenMP threads then fight over cores."""
         value = self.options["threads"]
         cores = len(os.sched_getaffinity(0))
-        if value == "lease" and self.device.type == "cpu" and self.leases():
-            return cores  # the most a batch can lease
+        if self.cores is not None:
+            return self.cores.cores  # the most a batch can lease
         if value in ("auto", "lease"):
             return max(1, cores // max(1, int(workers)))
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"handler option threads must be 'lease', 'auto' or a positive integer, got {value!r}; "
                              "fix it in model-config.yaml and rebuild the archive")
         return value
-
-    def leases(self) -> bool:
-        """Whether this runtime's threads can follow a per-batch lease (torch's pool, resized per call)."""
-        return RUNTIMES[self.card.runtime].elastic
 
     @contextlib.contextmanager
     def leased_cores(self) -> Iterator[None]:

@@ -51,8 +51,3 @@ class CorePool:
         finally:
             for fd in held:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
