@@ -11,6 +11,7 @@ Run against the operator profile (model API on, loopback only), from the reposit
     python -m deploy.deploy retire digits [--keep 1]          # unregister all but the newest N (never the default)
     python -m deploy.deploy scale digits [--version 2.0] --workers 2
     python -m deploy.deploy rollout digits-2.0.mar            # register -> canary -> promote -> retire
+    python -m deploy.deploy rollout digits-2.0.mar --watch a.png b.png   # ... with a small load; fails on any failure
     python -m deploy.deploy wait digits [--timeout 180]       # until each model has a READY worker [--all-workers]
 
 Global options (before the command): --management URL, --inference URL (env TS_MANAGEMENT_URL,
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 from deploy.canary import cmd_canary
+from deploy.client import InferenceClient
 from deploy.commands import (
     Context,
     cmd_list,
@@ -42,6 +44,7 @@ from deploy.commands import (
 )
 from deploy.management import DeployError, Management, read_token
 from deploy.store import STATE_FILE, State
+from deploy.watch import Watch
 from handlers.contract import KEY_FILE
 
 
@@ -97,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     canary_opts(s)
     s.add_argument("--keep", type=int, default=1, help="versions to keep after the rollout (default 1)")
     s.add_argument("--grace", type=float, default=2.0)
+    s.add_argument("--watch", nargs="+", type=Path, default=None, metavar="IMAGE",
+                   help="send these images to the default version during the rollout; any failed request fails it")
+    s.add_argument("--watch-rate", type=float, default=5.0, help="requests per second of the watch (default 5)")
     return ap.parse_args(argv)
 
 
@@ -122,8 +128,26 @@ def run(args: argparse.Namespace) -> None:
         cmd_scale(ctx, args.model, args.workers, args.version)
     elif args.cmd == "wait":
         cmd_wait(ctx, args.models, args.timeout, args.all_workers)
+    elif args.cmd == "rollout" and args.watch:
+        images = [read_image(p) for p in args.watch]
+        with InferenceClient(args.inference, token) as client:
+            watch = Watch(client, images, args.watch_rate)
+            try:
+                with watch:
+                    cmd_rollout(ctx, args.archive, args.budget, args.latency_factor, args.keep, args.grace,
+                                args.limit)
+            finally:
+                print(watch.summary())
+        if watch.failed:
+            raise DeployError(f"{watch.failed} requests failed during the rollout; see the first failure above")
     elif args.cmd == "rollout":
         cmd_rollout(ctx, args.archive, args.budget, args.latency_factor, args.keep, args.grace, args.limit)
+
+
+def read_image(path: Path) -> bytes:
+    if not path.is_file():
+        raise DeployError(f"--watch image {path} not found; pass image files the model accepts")
+    return path.read_bytes()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -171,6 +171,18 @@ def test_bad_v2_is_refused_at_canary(ts: TorchServe, store: Path) -> None:
     assert versions(ts) == ["1.0"]
 
 
+def test_a_watch_that_sees_failures_fails_the_rollout(ts: TorchServe, store: Path, tmp_path: Path) -> None:
+    ok(deploy(ts, store, "register", "digits-1.0.mar"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature and nothing decodable
+    result = deploy(ts, store, "rollout", "digits-2.0.mar", "--limit", "20", "--budget", "3", "--latency-factor",
+                    "100", "--watch", str(broken))
+    fails(result, "requests failed during the rollout")
+    assert re.search(r"load during the change: (\d+) requests, \1 failed.*first failure: ClientError", result.stdout)
+    fails(deploy(ts, store, "rollout", "digits-2.0.mar", "--watch", str(tmp_path / "missing.png")),
+          "missing.png not found")
+
+
 def test_rollout_under_traffic_drops_nothing(ts: TorchServe, store: Path) -> None:
     ok(deploy(ts, store, "register", "digits-1.0.mar"))
     images = [data for data, _ in golden.images(golden.from_archive(store / "digits-1.0.mar"))]
@@ -212,9 +224,17 @@ def test_rollout_under_traffic_drops_nothing(ts: TorchServe, store: Path) -> Non
         assert client.predict(images[0]).version == "2.0"
 
 
-def test_rollback_promote_scale_retire(ts: TorchServe, store: Path) -> None:
+def test_rollback_promote_scale_retire(ts: TorchServe, store: Path, tmp_path: Path) -> None:
     ok(deploy(ts, store, "register", "digits-1.0.mar"))
-    ok(deploy(ts, store, "rollout", "digits-2.0.mar", "--limit", "20", "--budget", "3", "--latency-factor", "100"))
+    images = []
+    for i, (data, _) in enumerate(golden.images(golden.from_archive(store / "digits-1.0.mar"))[:3]):
+        images.append(tmp_path / f"{i}.png")
+        images[-1].write_bytes(data)
+    out = ok(deploy(ts, store, "rollout", "digits-2.0.mar", "--limit", "20", "--budget", "3", "--latency-factor",
+                    "100", "--watch", *map(str, images), "--watch-rate", "10"))
+    counts = re.search(r"load during the change: (\d+) requests, 0 failed; answered by version 1.0: (\d+), "
+                       r"2.0: (\d+)", out)
+    assert counts and int(counts[2]) > 0 and int(counts[3]) > 0, out
     assert default(ts) == "2.0" and versions(ts) == ["2.0"]
     out = ok(deploy(ts, store, "rollback", "digits"))
     assert "registering digits-1.0.mar again" in out and "rolled digits back to 1.0 (was 2.0)" in out
