@@ -75,6 +75,13 @@ class DataRecord:
     spec: DataSpec
     fingerprint: str  # sha256 over the images, labels and split indices
     sizes: dict[str, int]
+    skipped: dict[str, str] = field(default_factory=dict)  # files of the folder that could not be decoded -> why
+
+    def __post_init__(self) -> None:
+        for path, reason in self.skipped.items():
+            if not path or path.startswith("/") or ".." in path.split("/") or not reason:
+                raise CardError(f"field 'data.skipped' must map paths inside the data folder to reasons, got "
+                                f"{path!r}: {reason!r}")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,11 @@ can say exactly which images a figure was measured on.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +19,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
+from tqdm.contrib.concurrent import thread_map
 
 from handlers.contract import DataSpec
+from handlers.errors import InputError
 from handlers.imaging import decode_image, resize_batch
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
+# What handlers.imaging decodes, so every format that serves can train.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 def render_digits(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -65,10 +72,29 @@ class Splits:
     fingerprint: str
     spec: DataSpec
     input_size: int
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable files (path in the folder -> why), not used
+    ignored: dict[str, int] = field(default_factory=dict)  # files without an image suffix, counted by suffix
 
     @property
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    @property
+    def scan_report(self) -> str:
+        """What the folder scan left out, for the training output ("" when nothing was)."""
+        lines = []
+        if self.ignored:
+            counts = ", ".join(f"{suffix or '(none)'}: {n}" for suffix, n in sorted(self.ignored.items()))
+            lines.append(f"data: ignored {sum(self.ignored.values())} file(s) without an image suffix ({counts}); "
+                         f"images are {', '.join(sorted(IMAGE_SUFFIXES))}")
+        if self.skipped:
+            lines.append(f"data: skipped {len(self.skipped)} unreadable file(s), recorded in the model card's "
+                         f"data.skipped (--strict stops instead):\n{format_skipped(self.skipped)}")
+        return "\n".join(lines)
+
+
+def format_skipped(skipped: dict[str, str]) -> str:
+    return "\n".join(f"  {path}: {reason}" for path, reason in skipped.items())
 
 
 def _split_indices(labels: np.ndarray, spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,30 +115,93 @@ def _fingerprint(content: hashlib._Hash, *splits: np.ndarray) -> str:
     return content.hexdigest()
 
 
-def _scan_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+@dataclass
+class Scan:
+    """An ImageFolder's readable images in sorted order, with each file's sha256, and what was left out."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    digests: list[bytes]
+    classes: list[str]
+    skipped: dict[str, str]
+    ignored: dict[str, int]
+
+
+def _check_image(path: Path) -> tuple[bytes, str | None]:
+    """(sha256 of the file, why it cannot be used or None), decoded as the served handler decodes it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return b"", f"cannot be read: {e.strerror or e}"
+    if not data:
+        return b"", "empty file (0 bytes)"
+    try:
+        decode_image(data)
+    except InputError as e:
+        return b"", e.message
+    return hashlib.sha256(data).digest(), None
+
+
+def _scan_folder(root: Path, strict: bool = False, progress: bool = False) -> Scan:
+    """Decode every image before training starts, so a broken file is found here, not by a DataLoader mid-epoch."""
     if not root.is_dir():
         raise FileNotFoundError(
             f"data directory {root} does not exist; pass an ImageFolder root (one sub-folder per class)"
         )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    paths: list[Path] = []
-    labels: list[int] = []
+    if len(classes) < 2:
+        found = f"one class sub-folder ('{classes[0]}')" if classes else "no class sub-folders"
+        raise ValueError(f"{root} is not an ImageFolder: it has {found}; a classifier needs at least two, "
+                         f"one sub-folder of images per class ({root}/<class>/...)")
+    candidates: list[tuple[Path, int]] = []
+    ignored: Counter[str] = Counter()
     for k, name in enumerate(classes):
         for p in sorted((root / name).rglob("*")):
+            if not p.is_file():
+                continue
             if p.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(p)
-                labels.append(k)
-    if len(classes) < 2 or not paths:
-        raise ValueError(
-            f"{root} is not an ImageFolder: expected at least two class sub-folders holding images "
-            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
-    return paths, np.array(labels), classes
+                candidates.append((p, k))
+            else:
+                ignored[p.suffix.lower()] += 1
+    empty = [name for k, name in enumerate(classes) if not any(y == k for _, y in candidates)]
+    if empty:
+        raise ValueError(f"class folder(s) {', '.join(repr(n) for n in empty)} in {root} hold no images "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder(s)")
+
+    checked = thread_map(_check_image, [p for p, _ in candidates], max_workers=os.cpu_count() or 1,
+                         chunksize=16, desc=f"scanning {root.name}", unit="file", leave=False, file=sys.stdout,
+                         disable=not progress)
+    skipped = {p.relative_to(root).as_posix(): reason for (p, _), (_, reason) in zip(candidates, checked, strict=True)
+               if reason is not None}
+    if skipped and strict:
+        raise ValueError(f"{len(skipped)} file(s) in {root} cannot be decoded:\n{format_skipped(skipped)}\n"
+                         "fix or remove them, or drop --strict to train without them (they are then listed in "
+                         "the model card)")
+    kept = [(p, y, digest) for (p, y), (digest, reason) in zip(candidates, checked, strict=True) if reason is None]
+    return Scan(paths=[p for p, _, _ in kept], labels=np.array([y for _, y, _ in kept], dtype=np.int64),
+                digests=[d for _, _, d in kept], classes=classes, skipped=skipped, ignored=dict(ignored))
 
 
-def load_splits(spec: DataSpec, input_size: int) -> Splits:
+def _check_class_sizes(scan: Scan, spec: DataSpec) -> None:
+    """Each class needs enough images to expect one in each split; fewer would break the stratified split."""
+    shares = (1 - spec.val_fraction - spec.test_fraction, spec.val_fraction, spec.test_fraction)
+    need = max(2, math.ceil(1 / min(shares) - 1e-9))
+    counts = np.bincount(scan.labels, minlength=len(scan.classes))
+    short = [(name, int(n)) for name, n in zip(scan.classes, counts, strict=True) if n < need]
+    if short:
+        skipped = Counter(path.split("/", 1)[0] for path in scan.skipped)
+        listed = ", ".join(f"'{name}' has {n}" + (f" ({skipped[name]} unreadable skipped)" if skipped[name] else "")
+                           for name, n in short)
+        raise ValueError(f"too few images to split {spec.source} into train/val/test "
+                         f"({', '.join(f'{s:.0%}' for s in shares)}): class {listed}; each class needs at least "
+                         f"{need}. Add images to the class, remove its folder, or change --val-fraction/"
+                         "--test-fraction")
+
+
+def load_splits(spec: DataSpec, input_size: int, strict: bool = False, progress: bool = False) -> Splits:
     """Build train/val/test from the spec, as images of `input_size`. The same spec always gives the same splits
-    (and the same fingerprint) at any input size."""
+    (and the same fingerprint) at any input size. An ImageFolder's unreadable files are skipped and listed in
+    `Splits.skipped`, or with `strict` raise a ValueError that lists them."""
     if spec.source == "digits":
         from sklearn.datasets import load_digits
 
@@ -134,17 +223,24 @@ def load_splits(spec: DataSpec, input_size: int) -> Splits:
         )
 
     root = Path(spec.source)
-    paths, labels, classes = _scan_folder(root)
-    tr, va, te = _split_indices(labels, spec)
+    scan = _scan_folder(root, strict, progress)
+    _check_class_sizes(scan, spec)
+    try:
+        tr, va, te = _split_indices(scan.labels, spec)
+    except ValueError as e:  # sklearn's rounding can still leave a split short of one image per class
+        raise ValueError(f"cannot split {root} into stratified train/val/test ({e}); add images or change "
+                         "--val-fraction/--test-fraction") from e
+    # Only the images used enter the fingerprint: the same folder, broken files and all, gives the same one.
     h = hashlib.sha256(b"imagefolder")
-    for p, y in zip(paths, labels, strict=True):
+    for p, y, digest in zip(scan.paths, scan.labels, scan.digests, strict=True):
         h.update(f"{p.relative_to(root)}:{y}:".encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+        h.update(digest)
 
     def subset(ix: np.ndarray) -> FolderImages:
-        return FolderImages([paths[i] for i in ix], [int(labels[i]) for i in ix], input_size)
+        return FolderImages([scan.paths[i] for i in ix], [int(scan.labels[i]) for i in ix], input_size)
 
-    return Splits(subset(tr), subset(va), subset(te), classes, _fingerprint(h, tr, va, te), spec, input_size)
+    return Splits(subset(tr), subset(va), subset(te), scan.classes, _fingerprint(h, tr, va, te), spec, input_size,
+                  scan.skipped, scan.ignored)
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:

@@ -164,10 +164,12 @@ def train(args: argparse.Namespace) -> ModelCard:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
     )
-    splits = load_splits(spec, args.input_size)
+    splits = load_splits(spec, args.input_size, strict=args.strict, progress=args.progress)
     mean, std = channel_stats(splits.train)
     num_classes = len(splits.labels)
     print(f"data: {spec.source} {splits.sizes}, {num_classes} classes, fingerprint {splits.fingerprint[:12]}")
+    if splits.scan_report:
+        print(splits.scan_report)
 
     model = build_model(args.arch, num_classes).to(device, memory_format=torch.channels_last)
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_autocast_helps(device))
@@ -200,7 +202,7 @@ def train(args: argparse.Namespace) -> ModelCard:
         artifact=STATE_DICT_FILE,
         checkpoint=STATE_DICT_FILE,
         recipe=Recipe("train", train_args),
-        data=DataRecord(spec, splits.fingerprint, splits.sizes),
+        data=DataRecord(spec, splits.fingerprint, splits.sizes, splits.skipped),
         training={
             "best_epoch": best[1],
             "seconds": round(seconds, 1),
@@ -238,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--name", default="digits", help="model name used for serving")
     ap.add_argument("--version", default="1.0", help="model version recorded in metadata")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop when an image of --data-dir cannot be decoded (default: skip it and list it)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap.parse_args(argv)
 
