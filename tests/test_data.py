@@ -160,6 +160,11 @@ def test_bad_data_dirs_give_clear_errors(tmp_path: Path) -> None:
         corrupt_jpeg(p)
     with pytest.raises(ValueError, match="class 'dogs' has 0 \\(3 unreadable skipped\\)"):
         load_splits(DataSpec(str(few)), 32)
+    # Enough per class, but sklearn's rounding leaves the 10% training split short of one image per class.
+    thin = tmp_path / "thin"
+    write_imagefolder(thin, {"a": [1], "b": [2], "c": [3]}, per_class=10, photos=False)
+    with pytest.raises(ValueError, match="cannot split .* train_size = 2 should be greater or equal"):
+        load_splits(DataSpec(str(thin), val_fraction=0.45, test_fraction=0.45), 32)
 
 
 def test_digits_split_is_independent_of_input_size() -> None:

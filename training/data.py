@@ -163,7 +163,8 @@ def _scan_folder(root: Path, strict: bool = False, progress: bool = False) -> Sc
                 candidates.append((p, k))
             else:
                 ignored[p.suffix.lower()] += 1
-    empty = [name for k, name in enumerate(classes) if not any(y == k for _, y in candidates)]
+    present = {y for _, y in candidates}
+    empty = [name for k, name in enumerate(classes) if k not in present]
     if empty:
         raise ValueError(f"class folder(s) {', '.join(repr(n) for n in empty)} in {root} hold no images "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder(s)")
