@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import subprocess
@@ -8,11 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.data import Subset
 
-from handlers.contract import STATE_DICT_FILE, ModelCard
-from handlers.loading import load_state_dict, model_from_state_dict
+from handlers.contract import STATE_DICT_FILE, DataSpec, ModelCard
+from handlers.loading import build_model, load_state_dict, model_from_state_dict
 from tests.conftest import ROOT, TINY_SIZE, train_tiny
+from training import recipe, train
+from training.data import Splits, load_splits
 from training.evaluate import predict
+from training.train import FitConfig, fit, seed_everything
 
 
 def test_tiny_training_learns_and_writes_a_complete_checkpoint(tiny_model: Path, tiny_card: ModelCard) -> None:
@@ -91,3 +97,112 @@ def test_unknown_architecture_is_named(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "training.train", "--out", str(tmp_path / "x"), "--arch", "resnet7"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "unknown architecture 'resnet7'" in result.stderr
+
+
+# Training recipes: schedules, augmentation, clipping, label smoothing (training/recipe.py).
+
+def lr_trace(schedule: str, epochs: int, steps: int, **options: float) -> list[float]:
+    """The lr of every step of a schedule built by the training code, read from the optimizer it drives."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    scheduler = recipe.lr_schedule(optimizer, schedule, epochs, steps, **options)
+    trace = []
+    for _ in range(epochs * steps):
+        trace.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return trace
+
+
+def test_each_schedule_has_its_shape() -> None:
+    cosine = lr_trace("cosine", epochs=4, steps=10, warmup_epochs=1)
+    assert cosine[0] == pytest.approx(1e-4)  # warm-up starts at 1% of the peak ...
+    assert all(a < b for a, b in zip(cosine[:10], cosine[1:11], strict=True))  # ... rises for one epoch ...
+    assert cosine[10] == pytest.approx(1e-2)  # ... to the peak, then anneals to ~0
+    assert all(a > b for a, b in zip(cosine[10:], cosine[11:], strict=False)) and cosine[-1] < 1e-4
+    step = lr_trace("step", epochs=4, steps=10, step_size=1, gamma=0.5)
+    assert [step[i * 10] for i in range(4)] == pytest.approx([1e-2, 5e-3, 2.5e-3, 1.25e-3])
+    assert all(len(set(step[i * 10:(i + 1) * 10])) == 1 for i in range(4))  # flat within an epoch
+    onecycle = lr_trace("onecycle", epochs=4, steps=10)
+    peak = onecycle.index(max(onecycle))
+    assert 4 <= peak <= 6 and onecycle[peak] == pytest.approx(1e-2, rel=0.02) and onecycle[-1] < 1e-5
+
+
+def small_splits() -> Splits:
+    splits = load_splits(DataSpec("digits"), 16)
+    return dataclasses.replace(splits, train=Subset(splits.train, range(96)), val=Subset(splits.val, range(32)))
+
+
+def fit_steps(cfg: FitConfig) -> tuple[list[float], list[float]]:
+    """lr and total gradient L2 norm at every optimizer step of a real (tiny) training run, read by torch's global
+    optimizer hook just before each step."""
+    lrs, norms = [], []
+
+    def before_step(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        lrs.append(optimizer.param_groups[0]["lr"])
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        seed_everything(0)
+        fit(build_model("resnet18", 10), small_splits(), [0.5] * 3, [0.25] * 3, cfg, torch.device("cpu"))
+    finally:
+        handle.remove()
+    return lrs, norms
+
+
+def test_training_follows_the_schedule_and_clipping_bounds_the_gradient() -> None:
+    # 96 images in batches of 16: 6 steps an epoch.
+    lrs, norms = fit_steps(FitConfig(epochs=3, batch_size=16, lr=1e-3, lr_schedule="cosine", warmup_epochs=1,
+                                     clip_grad_norm=0.5, progress=False))
+    assert len(lrs) == 18
+    assert all(a < b for a, b in zip(lrs[:6], lrs[1:7], strict=True)) and lrs[6] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[6:], lrs[7:], strict=False)) and lrs[-1] < 1e-4
+    assert max(norms) <= 0.5 * (1 + 1e-4)
+    _, unclipped = fit_steps(FitConfig(epochs=1, batch_size=16, lr=1e-3, progress=False))
+    assert max(unclipped) > 1.0  # so the bound above is the clipping's doing
+
+
+@pytest.mark.parametrize("name", ["affine", "trivial", "randaugment"])
+def test_augmentations_change_the_image_not_its_shape(name: str) -> None:
+    image = small_splits().train[0][0]
+    transform = recipe.augmentation(name)
+    assert transform is not None
+    torch.manual_seed(0)
+    outs = [transform(image) for _ in range(8)]
+    assert all(o.shape == image.shape and o.dtype == torch.uint8 for o in outs)
+    assert any(not torch.equal(o, image) for o in outs)
+    assert recipe.augmentation("none") is None
+
+
+def test_the_model_card_records_the_recipe(tmp_path: Path) -> None:
+    out = train_tiny(tmp_path / "recipe", "--epochs", "2", "--arch", "mobilenet_v3_small", "--lr-schedule", "step",
+                     "--step-size", "1", "--gamma", "0.5", "--augment", "randaugment", "--label-smoothing", "0.1",
+                     "--clip-grad-norm", "1")
+    card = ModelCard.read(out)
+    args = card.recipe.args
+    assert (args["lr_schedule"], args["step_size"], args["gamma"]) == ("step", 1, 0.5)
+    assert (args["augment"], args["label_smoothing"], args["clip_grad_norm"]) == ("randaugment", 0.1, 1.0)
+    assert card.training is not None
+    assert card.training["augment"].startswith("RandAugment(")
+    assert "StepLR: x0.5 every 1 epochs" in card.training["lr_schedule"]
+    assert [h["lr"] for h in card.training["history"]] == pytest.approx([1e-3, 5e-4])  # after each epoch's steps
+    assert card.training["world_size"] == 1 and "backend" not in card.training
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--freeze-backbone"], "need --init-from"),
+    (["--lr-schedule", "cosine", "--warmup-epochs", "3", "--epochs", "2"], "--warmup-epochs must be .* below --epochs"),
+    (["--warmup-epochs", "1"], "onecycle rises over its first 15%"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be positive"),
+    (["--label-smoothing", "1"], r"--label-smoothing must be in \[0, 1\)"),
+])
+def test_a_recipe_that_cannot_work_is_refused_before_training(tmp_path: Path, extra: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--out", str(tmp_path / "x"), *extra])
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_augment_is_augment_none() -> None:
+    assert train.parse_args(["--out", "x", "--no-augment"]).augment == "none"
+    assert train.parse_args(["--out", "x"]).augment == "affine"
