@@ -14,6 +14,7 @@ from torch.utils.data import Subset
 
 from handlers.contract import STATE_DICT_FILE, DataSpec, ModelCard
 from handlers.loading import build_model, load_state_dict, model_from_state_dict
+from harness.imagefolder import write_imagefolder
 from tests.conftest import ROOT, TINY_SIZE, train_tiny
 from training import recipe, train
 from training.data import Splits, load_splits
@@ -129,7 +130,7 @@ def test_each_schedule_has_its_shape() -> None:
 
 def small_splits() -> Splits:
     splits = load_splits(DataSpec("digits"), 16)
-    return dataclasses.replace(splits, train=Subset(splits.train, range(96)), val=Subset(splits.val, range(32)))
+    return dataclasses.replace(splits, train=Subset(splits.train, range(48)), val=Subset(splits.val, range(16)))
 
 
 def fit_steps(cfg: FitConfig) -> tuple[list[float], list[float]]:
@@ -152,14 +153,14 @@ def fit_steps(cfg: FitConfig) -> tuple[list[float], list[float]]:
 
 
 def test_training_follows_the_schedule_and_clipping_bounds_the_gradient() -> None:
-    # 96 images in batches of 16: 6 steps an epoch.
-    lrs, norms = fit_steps(FitConfig(epochs=3, batch_size=16, lr=1e-3, lr_schedule="cosine", warmup_epochs=1,
+    # 48 images in batches of 8: 6 steps an epoch.
+    lrs, norms = fit_steps(FitConfig(epochs=2, batch_size=8, lr=1e-3, lr_schedule="cosine", warmup_epochs=1,
                                      clip_grad_norm=0.5, progress=False))
-    assert len(lrs) == 18
+    assert len(lrs) == 12
     assert all(a < b for a, b in zip(lrs[:6], lrs[1:7], strict=True)) and lrs[6] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(lrs[6:], lrs[7:], strict=False)) and lrs[-1] < 1e-4
     assert max(norms) <= 0.5 * (1 + 1e-4)
-    _, unclipped = fit_steps(FitConfig(epochs=1, batch_size=16, lr=1e-3, progress=False))
+    _, unclipped = fit_steps(FitConfig(epochs=1, batch_size=8, lr=1e-3, progress=False))
     assert max(unclipped) > 1.0  # so the bound above is the clipping's doing
 
 
@@ -176,7 +177,9 @@ def test_augmentations_change_the_image_not_its_shape(name: str) -> None:
 
 
 def test_the_model_card_records_the_recipe(tmp_path: Path) -> None:
-    out = train_tiny(tmp_path / "recipe", "--epochs", "2", "--arch", "mobilenet_v3_small", "--lr-schedule", "step",
+    data = tmp_path / "data"  # 14 training images: one step an epoch
+    write_imagefolder(data, {"even": [0, 2, 4, 6, 8], "odd": [1, 3, 5, 7, 9]}, per_class=10, photos=False)
+    out = train_tiny(tmp_path / "recipe", "--data-dir", str(data), "--epochs", "2", "--lr-schedule", "step",
                      "--step-size", "1", "--gamma", "0.5", "--augment", "randaugment", "--label-smoothing", "0.1",
                      "--clip-grad-norm", "1")
     card = ModelCard.read(out)
