@@ -21,10 +21,10 @@ from training.data import Splits
 from training.evaluate import predict
 
 # Two processes take half the optimizer steps of one (each sees half of every epoch; the global batch is 64, not
-# 32) with other augmentation draws: a different run, not a worse one. Over seeds 0 and 1 the 2-process test top-1
-# was 97.4% and 98.1% against ~97% single-process; 3 points (8 of 270 images) allows for that and still catches a
-# broken sampler, an unsynchronised model or a rank that trained on other data (those land far lower).
-TOLERANCE = 0.03
+# 32) with other augmentation draws: a different run, and a few steps behind. We saw, 2 processes vs 1: at 3 epochs
+# 97.4% and 98.1% (seeds 0, 1) vs ~97%; at 2 epochs 93.7-95.9% vs 96.7-97.0%. 5 points (14 of 270 images) covers
+# that gap and still catches a model that did not train together (or trained on other data).
+TOLERANCE = 0.05
 
 
 @pytest.mark.slow
