@@ -15,14 +15,33 @@ def architectures() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_model(arch: str, num_classes: int) -> torch.nn.Module:
-    """A torchvision classification model by name, randomly initialised (nothing downloads)."""
+def family(arch: str) -> str:
+    """The architecture's torchvision module (resnet, mobilenetv3, vision_transformer, ...): its family."""
+    return torchvision.models.get_model_builder(arch).__module__.rpartition(".")[2]
+
+
+def build_model(arch: str, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
+    """A torchvision classification model by name, randomly initialised (nothing downloads).
+
+    A vision transformer's positional embedding has one entry per patch, so it is built for `image_size`
+    (torchvision's default, 224, when None); the other families take any input size.
+    """
     if arch not in architectures():
         raise ValueError(
             f"unknown architecture {arch!r}; choose a torchvision classification model such as "
             "resnet18, mobilenet_v3_small or resnet50"
         )
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    sized = {"image_size": image_size} if image_size is not None and family(arch) == "vision_transformer" else {}
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **sized)
+
+
+def vit_image_size(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The input side a torchvision ViT checkpoint was built for: patch side x patches per side (None if not one)."""
+    pos, proj = state_dict.get("encoder.pos_embedding"), state_dict.get("conv_proj.weight")
+    if pos is None or proj is None:
+        return None
+    patches = pos.shape[1] - 1  # one class token, then one entry per patch
+    return proj.shape[-1] * round(patches ** 0.5)
 
 
 def fit_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -56,7 +75,7 @@ def fit_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> t
 
 def model_from_state_dict(arch: str, num_classes: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """build_model(arch) resized to the checkpoint's shapes, with its weights; eval mode, channels_last, CPU."""
-    model = fit_shapes(build_model(arch, num_classes), state)
+    model = fit_shapes(build_model(arch, num_classes, vit_image_size(state)), state)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # the graph itself differs: another architecture or class count
