@@ -28,7 +28,7 @@ import torch
 
 from handlers.contract import CardError, ModelCard
 from handlers.runtimes import load_model
-from training import gate, speed
+from training import gate, speed, support
 from training.export import ParityError
 from training.package import write_pick
 from training.technique import (
@@ -293,6 +293,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"parent: {parent_dir} ({parent_card.architecture} @ {parent_card.input.image_size}px, "
           f"test top-1 {100 * parent_top1:.2f}%); variants: {', '.join(args.variants)}", flush=True)
 
+    # Known gaps of the architecture's family (training/support.py) are refused before any variant is built.
+    gaps = {}
+    for name in args.variants:
+        try:
+            support.check_technique(parent_card.architecture, TECHNIQUES[name], args)
+        except support.Unsupported as e:
+            gaps[name] = str(e)
+    if gaps and args.explicit:
+        raise support.Unsupported("; ".join(gaps.values()) + "; leave them out of --variants")
+
     record = parent_record(parent_dir, parent_card)
     made: dict[str, ModelCard] = {}
     skipped: dict[str, str] = {}
@@ -304,6 +314,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if missing := [r for r in TECHNIQUES[name].requires(args) if r in skipped]:
             skipped[name] = f"made from {', '.join(missing)}, which was skipped"
+            continue
+        if name in gaps:
+            skipped[name] = gaps[name]
+            print(f"[{i}/{len(args.variants)}] skipped: {gaps[name]}", flush=True)
             continue
         print(f"[{i}/{len(args.variants)}] {name} ...", flush=True)
         try:
@@ -391,9 +405,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("parent_dir", type=Path, help="trained fp32 model directory (python -m training.train --out)")
-    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                    help=f"comma-separated, in order (default {','.join(DEFAULT_VARIANTS)}; "
-                         f"all: {','.join(TECHNIQUES)})")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated, in order (default {','.join(DEFAULT_VARIANTS)}, less the known gaps of "
+                         f"the architecture's family, docs/support.md; all: {','.join(TECHNIQUES)})")
     ap.add_argument("--budget", type=float, default=gate.DEFAULT_BUDGET_PT,
                     help="accuracy gate shown in the report: allowed top-1 drop vs fp32, points")
     g = ap.add_argument_group("timing")
@@ -409,7 +423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="keep variants already built from this same checkpoint (sha256); only re-time and report")
     add_options(ap, list(TECHNIQUES.values()))
     args = ap.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.explicit = args.variants is not None  # named variants are never skipped quietly for a known gap
+    args.variants = [v.strip() for v in (args.variants or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(TECHNIQUES))
     if unknown or not args.variants:
         ap.exit(2, f"error: unknown variant(s) {', '.join(unknown) or '(none given)'}; "

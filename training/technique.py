@@ -40,6 +40,7 @@ from handlers.contract import (
 from handlers.deprecations import known_deprecations
 from handlers.loading import load_state_dict, model_from_state_dict
 from handlers.runtimes import Predictor, load_model
+from training import support
 from training.data import Splits
 from training.evaluate import evaluate_artifact, splits_for, summary
 from training.export import ParityError, Tolerance, check_parity, to_torchscript
@@ -345,6 +346,7 @@ def run_cli(techniques: Sequence[Technique], doc: str | None, argv: list[str] | 
     args = ap.parse_args(argv)
     technique = techniques[names.index(getattr(args, "variant", names[0]))]
     try:
+        support.check_technique(ModelCard.read(args.parent_dir).architecture, technique, args)
         card = build(args.parent_dir, technique, args, args.name)
     except (FileNotFoundError, ValueError, CardError, ParityError) as e:
         sys.exit(f"error: {e}")
