@@ -17,9 +17,10 @@ from training import optimize, support
 from training.technique import variant_dir
 
 REPORT = ROOT / "docs" / "support.json"
-# What the slow test runs again: two families other than resnet, through training, export, int8, one runtime and
-# pruning, which convnext is known not to take (a claimed failure must hold as much as a claimed success).
-SUBSET_ARCHS = ("mobilenet_v3_small", "convnext_tiny")
+# What the slow test runs again (the whole matrix takes ~16 min): a family other than resnet through training,
+# export, int8, one runtime and pruning, which convnext is known not to take (a claimed failure must hold as much
+# as a claimed success).
+SUBSET_ARCHS = ("convnext_tiny",)
 SUBSET_CELLS = ("train", "export", "int8", "onnxruntime", "pruned")
 
 

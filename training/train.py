@@ -203,10 +203,11 @@ def train(args: argparse.Namespace) -> ModelCard | None:
     if splits.scan_report:
         print(splits.scan_report)
 
-    model = build_model(args.arch, num_classes)
+    model = build_model(args.arch, num_classes, args.input_size)
     init = None
     if args.init_from is not None:
-        init = transfer.initialize(model, args.init_from, args.arch, lambda n: build_model(args.arch, n), num_classes)
+        init = transfer.initialize(model, args.init_from, args.arch,
+                                   lambda n: build_model(args.arch, n, args.input_size), num_classes)
         print(f"init: {init.checkpoint} (sha256 {init.sha256[:12]}), head {', '.join(init.head)} "
               f"{'reinitialised' if init.reinitialized else 'loaded'}"
               f"{', backbone frozen' if args.freeze_backbone else ''}")
