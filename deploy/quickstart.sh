@@ -29,7 +29,7 @@ done
 
 if [[ -f "$QUICK/metadata.json" ]]; then step "quick model: $QUICK exists, skipping"
 else step "quick model: resnet18 @ 64 px, 3 epochs on the bundled digits"
-  python -m training.train --out "$QUICK" --input-size 64 --epochs 3 --version 1.0; fi
+  python -m training.train --out "$QUICK" --input-size 64 --epochs 3 --version 1.0 --resume; fi
 [[ -f "$QUICK/model.pt" ]] || { step "export the quick model to TorchScript (parity-checked)"; python -m training.export "$QUICK"; }
 [[ -f model_store/digits-1.0.mar ]] || ./build_mar.sh "$QUICK" --name digits --version 1.0 --archive digits-1.0
 
@@ -61,7 +61,7 @@ step "first served prediction (digits 1.0, the quick model); try it yourself:"
 echo "curl -s -H \"Authorization: Bearer \$(.venv/bin/python -m handlers.contract key inference)\" -H 'Content-Type: application/octet-stream' --data-binary @${SAMPLES[0]} http://127.0.0.1:8080/predictions/digits"
 
 if [[ -f "$MODEL/metadata.json" ]]; then step "full model: $MODEL exists, skipping"
-else step "full model: resnet18 @ 224, 8 epochs (digits 1.0 keeps serving)"; python -m training.train --out "$MODEL"; fi
+else step "full model: resnet18 @ 224, 8 epochs (digits 1.0 keeps serving)"; python -m training.train --out "$MODEL" --resume; fi
 [[ -f "$MODEL/model.pt" ]] || { step "export the full model to TorchScript"; python -m training.export "$MODEL"; }
 step "optimize: every technique and runtime this machine runs, each gated, timed and compared; then the pick"
 python -m training.optimize "$MODEL" --pick

@@ -3,8 +3,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,8 @@ from torch.utils.data import Subset
 from handlers.contract import STATE_DICT_FILE, DataSpec, ModelCard
 from handlers.loading import build_model, load_state_dict, model_from_state_dict
 from harness.imagefolder import write_imagefolder
-from tests.conftest import ROOT, TINY_SIZE, train_tiny
-from training import recipe, train
+from tests.conftest import ROOT, TINY_ARGS, TINY_SIZE, train_tiny
+from training import recipe, resume, train
 from training.data import Splits, load_splits
 from training.evaluate import predict
 from training.train import FitConfig, fit, seed_everything
@@ -92,6 +94,45 @@ def test_train_cli_refuses_to_overwrite_and_explains(tiny_model: Path) -> None:
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0
     assert "already holds a checkpoint" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_a_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """Killed (SIGKILL, as an OOM kill or a lost VM would) after its first epoch, the run continues with --resume and
+    ends bit-identical to one that was never interrupted."""
+    args = ("--arch", "mobilenet_v3_small", "--seed", "5", "--epochs", "2")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", "--out", str(out), *TINY_ARGS, *args],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state_file = out / resume.STATE_FILE
+    try:
+        deadline = time.monotonic() + 300
+        while not state_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate()
+    saved = torch.load(state_file, weights_only=True)
+    assert saved["epoch"] == 1 and not (out / STATE_DICT_FILE).exists(), f"not interrupted mid-run: {stderr}"
+
+    plain = subprocess.run([sys.executable, "-m", "training.train", "--out", str(out), *TINY_ARGS, *args],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert plain.returncode != 0 and "interrupted training run" in plain.stderr and "--resume" in plain.stderr
+    with pytest.raises(SystemExit, match=r"other options or data \(lr 0.002 -> 0.001\)"):
+        train.main(["--out", str(out), *TINY_ARGS, *args, "--resume", "--lr", "1e-3"])
+
+    train.main(["--out", str(out), *TINY_ARGS, *args, "--resume"])
+    straight = train_tiny(tmp_path / "straight", *args)
+    resumed_weights = torch.load(out / STATE_DICT_FILE, weights_only=True)
+    straight_weights = torch.load(straight / STATE_DICT_FILE, weights_only=True)
+    assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
+    resumed_card, straight_card = ModelCard.read(out), ModelCard.read(straight)
+    assert resumed_card.metrics == straight_card.metrics
+    assert [h["val_top1"] for h in resumed_card.training["history"]] == \
+        [h["val_top1"] for h in straight_card.training["history"]]
+    assert not state_file.exists(), "a finished run leaves no resume state behind"
+    finished = subprocess.run([sys.executable, "-m", "training.train", "--out", str(out), *TINY_ARGS, *args,
+                               "--resume"], capture_output=True, text=True, cwd=ROOT)
+    assert finished.returncode != 0 and "its training finished" in finished.stderr
 
 
 def test_unknown_architecture_is_named(tmp_path: Path) -> None:

@@ -8,9 +8,11 @@
     python -m training.train --out artifacts/r18 --lr-schedule cosine --warmup-epochs 1 --augment trivial \
         --label-smoothing 0.1 --clip-grad-norm 2
     torchrun --standalone --nproc_per_node=2 -m training.train --out artifacts/ddp   # DDP (training/distributed.py)
+    python -m training.train --out artifacts/resnet18 --resume      # continue an interrupted run (training/resume.py)
 
 Writes OUT/model.pth (a state_dict, loads with weights_only=True), OUT/metadata.json
 (the model card that travels into the .mar) and OUT/eval/test/{report.json,confusion_matrix.png}.
+While it runs, OUT/train_state.pt holds what --resume needs after each finished epoch.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from handlers.contract import (
 )
 from handlers.imaging import Normalizer
 from handlers.loading import architectures, build_model
-from training import distributed, recipe, transfer
+from training import distributed, recipe, resume, transfer
 from training.data import Splits, channel_stats, load_splits, loader
 from training.evaluate import classification_metrics, predict, summary, write_report
 
@@ -109,12 +111,13 @@ def val_top1(model: torch.nn.Module, dataset: Dataset, mean: list[float], std: l
 
 def fit(model: torch.nn.Module, splits: Splits, mean: list[float], std: list[float], cfg: FitConfig,
         device: torch.device, loss_fn: LossFn | None = None, desc: str = "epoch",
-        wrap_train: Callable[[Dataset], Dataset] | None = None) -> FitResult:
+        wrap_train: Callable[[Dataset], Dataset] | None = None, state: resume.EpochState | None = None) -> FitResult:
     """AdamW + the configured schedule on the training split; keeps (and loads back) the weights with the best val
     top-1. Under torchrun it trains through DistributedDataParallel on this rank's share of each epoch.
 
     `wrap_train` may wrap the (augmented) training set to yield extra fields after the label; they are
     passed on to `loss_fn` (distillation uses it to look up cached teacher logits by index).
+    With `state`, everything needed to continue is saved after each epoch, and a saved state is continued from.
     """
     recipe.check(cfg.lr_schedule, cfg.epochs, cfg.warmup_epochs, cfg.step_size, cfg.gamma, cfg.clip_grad_norm,
                  cfg.label_smoothing)
@@ -137,12 +140,27 @@ def fit(model: torch.nn.Module, splits: Splits, mean: list[float], std: list[flo
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = recipe.lr_schedule(optimizer, cfg.lr_schedule, cfg.epochs, len(train_loader), cfg.warmup_epochs,
                                   cfg.step_size, cfg.gamma)
+    best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, -1, {})
+    history: list[dict[str, float]] = []
+    first, spent = 0, 0.0
+    saved = state.load() if state else None
+    if saved:  # before DDP wraps the model: it broadcasts rank 0's weights from then on
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        best = (saved["best_val"], saved["best_epoch"], saved["best_model"])
+        history, first, spent = saved["history"], saved["epoch"], saved["seconds"]
+        if sampler:  # only rank 0's random stream was saved: each rank draws afresh (not bit-identical)
+            torch.manual_seed(cfg.seed + rank + world * first)
+        else:
+            torch.set_rng_state(saved["rng"])
+            train_loader.generator.set_state(saved["shuffle"])
+        print(f"resumed {state.path}: {resume.describe(saved)} done, best val {best[0]:.4f} at epoch {best[1]}",
+              flush=True)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, -1, {})
-    history = []
-    started = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    started = time.perf_counter() - spent
+    for epoch in range(first, cfg.epochs):
         if sampler:
             sampler.set_epoch(epoch)
         net.train()
@@ -179,6 +197,11 @@ def fit(model: torch.nn.Module, splits: Splits, mean: list[float], std: list[flo
               f"val {val:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
         if val >= best[0]:
             best = (val, epoch + 1, copy.deepcopy(model.state_dict()))
+        if state and distributed.is_main():
+            state.save(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                       schedule=schedule.state_dict(), best_val=best[0], best_epoch=best[1], best_model=best[2],
+                       history=history, seconds=time.perf_counter() - started, rng=torch.get_rng_state(),
+                       shuffle=train_loader.generator.get_state() if train_loader.generator else None)
     model.load_state_dict(best[2])
     model.eval()
     return FitResult(best[0], best[1], history, time.perf_counter() - started)
@@ -221,7 +244,8 @@ def train(args: argparse.Namespace) -> ModelCard | None:
                     clip_grad_norm=args.clip_grad_norm, seed=args.seed, use_bf16=use_bf16, progress=args.progress,
                     head=init.head if init else (), freeze_backbone=args.freeze_backbone,
                     backbone_lr_scale=args.backbone_lr_scale)
-    fitted = fit(model, splits, mean, std, cfg, device)
+    state = resume.EpochState(args.out, resume_key(args, splits.fingerprint))
+    fitted = fit(model, splits, mean, std, cfg, device, state=state)
     if not distributed.is_main():
         return None
     best = (fitted.best_val, fitted.best_epoch, model.state_dict())
@@ -265,9 +289,17 @@ def train(args: argparse.Namespace) -> ModelCard | None:
         metrics=Metrics(test=summary(result), val_top1=round(best[0], 6)),
     )
     card.write(out)
+    state.finish()
     title = f"{args.arch} fp32 - test top-1 {100 * result['top1']:.2f}%"
     write_report(out / "eval" / "test", result, splits.labels, title)
     return card
+
+
+def resume_key(args: argparse.Namespace, fingerprint: str) -> dict[str, object]:
+    """What a resumed run must share with the one it continues: every option that shapes training, and the data."""
+    cosmetic = {"out", "progress", "resume", "overwrite", "name", "version", "device", "strict"}
+    key = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in cosmetic}
+    return {**key, "data": fingerprint, "world_size": distributed.world_size()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -307,6 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--name", default="digits", help="model name used for serving")
     ap.add_argument("--version", default="1.0", help="model version recorded in metadata")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    ap.add_argument("--resume", action="store_true",
+                    help=f"continue an interrupted run in --out from its last finished epoch ({resume.STATE_FILE}); "
+                         "starts afresh when --out does not exist yet")
     ap.add_argument("--strict", action="store_true",
                     help="stop when an image of --data-dir cannot be decoded (default: skip it and list it)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
@@ -330,6 +365,25 @@ def check_args(args: argparse.Namespace) -> None:
                          "use --freeze-backbone to keep the backbone fixed")
     recipe.check(args.lr_schedule, args.epochs, args.warmup_epochs, args.step_size, args.gamma, args.clip_grad_norm,
                  args.label_smoothing)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues what is in --out and --overwrite deletes it; choose one")
+
+
+def out_dir_problem(out: Path, resuming: bool) -> str | None:
+    """Why --out cannot be trained into as asked, or None."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    interrupted = (out / resume.STATE_FILE).exists()
+    if resuming and interrupted:
+        return None
+    if interrupted:
+        return (f"{out} holds an interrupted training run ({resume.STATE_FILE}); pass --resume to continue it "
+                "or --overwrite to start over")
+    if resuming:
+        return (f"{out} holds no interrupted run to resume (no {resume.STATE_FILE}"
+                f"{'; its training finished' if (out / CARD_FILE).exists() else ''}); pass --overwrite to retrain "
+                "or choose another --out")
+    return f"{out} already holds a checkpoint; pass --overwrite to replace it or choose another --out"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -341,11 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     distributed.start(args.device)
     try:
         if distributed.is_main():
-            if args.out.exists() and any(args.out.iterdir()):
-                if not args.overwrite:
-                    sys.exit(f"error: {args.out} already holds a checkpoint; pass --overwrite to replace it "
-                             "or choose another --out")
+            if args.overwrite and args.out.exists():
                 shutil.rmtree(args.out)
+            elif problem := out_dir_problem(args.out, args.resume):
+                sys.exit(f"error: {problem}")
         else:  # only rank 0 reports; the other ranks' progress would interleave with it
             args.progress = False
             sys.stdout = open(os.devnull, "w")  # for the life of the process
