@@ -94,13 +94,15 @@ def acceptance(served: list[dict[str, Any]], inproc: list[dict[str, Any]], open_
         out.append({"target": f"{'picked' if picked else 'fastest'} variant p50 at 1 connection <= 0.5x stock fp32's",
                     "measured": f"{r['p50_ms']:.2f} ms vs {p50:.1f} ms = {r['p50_ms'] / p50:.2f}x ({fastest})",
                     "met": r["p50_ms"] <= 0.5 * p50, "value": r["p50_ms"] / p50})
-    at70 = [r for r in open_loop if r["server"] == "ours" and r["variant"] == fastest and r["fraction"] == 0.7]
-    if at70 and at70[0]["p99_over_p50"] is not None:
-        r = at70[0]
-        out.append({"target": "p99 <= 2x p50 at 70% of max, open loop",
+    at70 = {r["arrivals"]: r for r in open_loop
+            if r["server"] == "ours" and r["variant"] == fastest and r["fraction"] == 0.7}
+    if "constant" in at70 and at70["constant"]["p99_over_p50"] is not None:
+        r, poisson = at70["constant"], at70.get("poisson")
+        also = f"; Poisson arrivals: {poisson['p99_over_p50']:.2f}" if poisson and poisson["p99_over_p50"] else ""
+        out.append({"target": "p99 <= 2x p50 at 70% of max, open loop (constant arrival rate)",
                     "measured": f"p99/p50 = {r['p99_over_p50']:.2f} ({fastest}: {r['achieved_rps']:.1f} req/s "
                                 f"offered at 70% of {r['max_rps']:.1f}; p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f} "
-                                f"ms; {r['errors']} errors)",
+                                f"ms; {r['errors']} errors{also})",
                     "met": r["p99_over_p50"] <= 2 and r["errors"] == 0, "value": r["p99_over_p50"]})
     if startup_s is not None:
         out.append({"target": "torchserve --start to first prediction <= 10 s (default model, CPU)",

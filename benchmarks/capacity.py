@@ -71,7 +71,8 @@ def markdown(report: dict[str, Any], cluster: dict[str, Any], rows: list[dict[st
         lines.append(f"| {r['variant']} | {r['ceiling_rps']} | {r['cpu_ms_per_request']} | "
                      f"{r['planned_rps_per_replica']} | "
                      + " | ".join(f"{r['replicas'][t]} ({r['cores'][t]})" for t in TARGETS) + " |")
-    at70 = [r for r in report.get("open_loop") or [] if r["server"] == "ours" and r["fraction"] == 0.7]
+    at70 = [r for r in report.get("open_loop") or []
+            if r["server"] == "ours" and r["fraction"] == 0.7 and r.get("arrivals", "constant") == "constant"]
     for r in at70:
         lines.append(f"\nLatency at 70% load: {r['variant']} took {r['achieved_rps']} req/s arriving open-loop "
                      f"(70% of its ceiling without the gateway) with p50 {r['p50_ms']:.1f} ms and p99 "

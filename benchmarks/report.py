@@ -127,12 +127,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Open loop: latency at a constant arrival rate", "",
                   "locust (harness/open_loop.py): requests arrive at the rate whether or not earlier ones are "
                   "answered, so queueing shows in the latency. Rates are shares of the same server's best "
-                  "closed-loop req/s on the digits above.", "",
-                  "| server | variant | workers × threads | offered | target req/s | achieved req/s | p50 ms | "
-                  "p90 ms | p99 ms | p99/p50 | errors | mean batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|"
-                  "---:|---:|---:|"]
+                  "closed-loop req/s on the digits above. Arrivals are evenly spaced (constant, wrk2's schedule) "
+                  "or a Poisson process (random gaps: queues form well below capacity).", "",
+                  "| server | variant | workers × threads | arrivals | offered | target req/s | achieved req/s | "
+                  "p50 ms | p90 ms | p99 ms | p99/p50 | errors | mean batch |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in result["open_loop"]:
-            lines.append(f"| {r['server']} | {r['variant']} | {r['workers']} × {r['threads']} | "
+            lines.append(f"| {r['server']} | {r['variant']} | {r['workers']} × {r['threads']} | {r['arrivals']} | "
                          f"{r['fraction']:.0%} | {r['target_rps']:.1f} | {r['achieved_rps']:.1f} | "
                          f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {fmt(r['p99_over_p50'], 2)} | "
                          f"{r['errors']} | {fmt(r['server_metrics'].get('mean_batch'), 2)} |")
@@ -171,7 +172,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     looped: dict[str, list[dict[str, Any]]] = {}
     for r in result.get("open_loop") or []:
-        looped.setdefault(label_of(r), []).append(r)
+        looped.setdefault(f"{label_of(r)}, {r['arrivals']}", []).append(r)
     for label, rows in looped.items():
         rows = sorted(rows, key=lambda r: r["fraction"])
         line = ax2.plot([r["achieved_rps"] for r in rows], [r["p99_ms"] for r in rows], marker="o",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import shutil
 import sys
 import tempfile
@@ -51,13 +52,14 @@ class Mode:
     name: str
     levels: tuple[int, ...]  # wrk connections
     fractions: tuple[float, ...]  # open-loop arrival rates, as shares of the model's best closed-loop req/s
+    arrivals: tuple[str, ...]  # open-loop schedules (harness.open_loop.ARRIVALS); acceptance reads "constant"
     duration_s: float
     digits: int | None  # how many held-out digits (None: the whole test split)
     min_time: float  # seconds per in-process timing
 
 
-QUICK = Mode("quick", (4,), (0.5,), 4, 24, 0.3)
-FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), 10, None, 3.0)
+QUICK = Mode("quick", (4,), (0.5,), ("constant",), 4, 24, 0.3)
+FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0)
 
 
 def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str, batch: int,
@@ -82,16 +84,16 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
             progress.set_postfix_str(f"{name} {s.name} c{c}: {result.rps:.1f} req/s")
         if open_loop is not None:
             peak = max((r for r in rows if r["input"] == "digits"), key=lambda r: r["rps"])
-            for fraction in mode.fractions:
+            for arrivals, fraction in itertools.product(mode.arrivals, mode.fractions):
                 bench.warm(name, sets[0].files[0].read_bytes(), n=1)
                 result, server_metrics = bench.measure_open(name, sets[0].list_file, fraction * peak["rps"],
-                                                            mode.duration_s)
+                                                            mode.duration_s, arrivals)
                 open_loop.append({"server": server, "model": name, "variant": variant, "workers": workers,
                                   "threads": threads, "max_rps": peak["rps"], "fraction": fraction,
                                   **result.to_dict(), "p99_over_p50": round(result.p99_ms / result.p50_ms, 3)
                                   if result.p50_ms else None, "server_metrics": server_metrics})
                 progress.update(1)
-                progress.set_postfix_str(f"{name} open loop {fraction:.0%}: p99 {result.p99_ms:.1f} ms")
+                progress.set_postfix_str(f"{name} open loop ({arrivals}) {fraction:.0%}: p99 {result.p99_ms:.1f} ms")
     finally:
         bench.unregister(name)
     return rows

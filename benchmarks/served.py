@@ -97,13 +97,13 @@ class Bench:
         after = parse_prometheus(api.metrics(), name)
         return result, {**server_side(before, after), **cpu_profile(cpu, result.requests, wall)}
 
-    def measure_open(self, name: str, list_file: Path, rate: float, duration_s: float
+    def measure_open(self, name: str, list_file: Path, rate: float, duration_s: float, arrivals: str = "constant"
                      ) -> tuple[open_loop.OpenLoopResult, dict[str, Any]]:
         """Open-loop load at `rate` req/s (harness.open_loop), plus the server-side queue and handler time."""
         api = self.ts.api
         before = parse_prometheus(api.metrics(), name)
         result = open_loop.run(api.url("inference", f"/predictions/{name}"), api.keys["inference"], list_file,
-                               rate, duration_s)
+                               rate, duration_s, arrivals=arrivals)
         return result, server_side(before, parse_prometheus(api.metrics(), name))
 
 
