@@ -3,14 +3,15 @@ maxBatchDelay for one variant, and write the setting that serves most within the
 curve into the model-config.yaml that build_mar.sh packs.
 
     python -m benchmarks.tune artifacts/resnet18 --p99-ms 100 [--loads 1,4,16,64] [--config handlers/model-config.yaml]
-        [--batch 1,8] [--delay 1,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--quick] [--dry-run]
+        [--batch 1,8] [--delay 1,2,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--quick] [--dry-run]
 
 Each setting is a real archive (build_mar.sh --config <setting>) loaded alone into a real TorchServe and
 driven by wrk with the held-out digit JPEGs at every load (closed loop, that many connections). Stock
 TorchServe on the fp32 TorchScript of the same weights runs the same loads in the same run (its default and
 one single-threaded worker per core; the better at each load is the curve shown). A setting scores, at each
 load, its req/s over the best req/s any setting reached within the target there (0 when its p99 is over the
-target or it had errors); the highest sum wins, so every load counts the same. Only batchSize,
+target or it had errors), and its score is the lowest of these over the loads: the setting whose worst load is
+closest to the best wins, so a gain at 64 connections cannot buy a loss at 1 (ties: the higher sum). Only batchSize,
 maxBatchDelay, minWorkers, maxWorkers and handler.threads change in the config; comments stay.
 """
 
@@ -96,8 +97,9 @@ def setting_values(s: dict[str, Any]) -> dict[str, int | str]:
 
 
 def score(results: list[dict[str, Any]], p99_ms: float) -> list[dict[str, Any]]:
-    """One row per setting with its curve and score: the sum over loads of its req/s over the best req/s
-    within the target at that load (0 where its p99 is over the target or it had errors)."""
+    """One row per setting with its curve, `share` at each load (its req/s over the best req/s within the target
+    there; 0 where its p99 is over the target or it had errors), `score` (the lowest share: max-min over the
+    loads) and `total` (the sum of shares). Loads where no setting met the target are left out of both."""
     def meets(r: dict[str, Any]) -> bool:
         return r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] <= p99_ms
 
@@ -108,21 +110,22 @@ def score(results: list[dict[str, Any]], p99_ms: float) -> list[dict[str, Any]]:
     settings: dict[int, dict[str, Any]] = {}
     for r in results:
         row = settings.setdefault(r["setting"], {k: r[k] for k in ("setting", "batch_size", "max_batch_delay",
-                                                                   "workers", "threads")} | {"curve": [],
-                                                                                             "score": 0.0})
+                                                                   "workers", "threads")} | {"curve": []})
+        share = r["rps"] / best[r["concurrency"]] if meets(r) else 0.0
         row["curve"].append({k: r[k] for k in ("concurrency", "rps", "p50_ms", "p99_ms", "errors")} | {
-            "meets": meets(r)})
-        if meets(r):
-            row["score"] += r["rps"] / best[r["concurrency"]]
+            "meets": meets(r), "share": round(share, 4)})
     for row in settings.values():
-        row["score"] = round(row["score"], 4)
+        shares = [c["share"] for c in row["curve"] if c["concurrency"] in best]
+        row["score"] = min(shares, default=0.0)
+        row["total"] = round(sum(shares), 4)
     return list(settings.values())
 
 
 def pick(settings: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The highest score; ties go to the most req/s in total. None when no setting met the target anywhere."""
+    """The highest score (worst-load share); ties go to the higher total. None when no setting met the target at
+    every load that some setting met it at."""
     ok = [s for s in settings if s["score"] > 0]
-    return max(ok, key=lambda s: (s["score"], sum(c["rps"] for c in s["curve"]))) if ok else None
+    return max(ok, key=lambda s: (s["score"], s["total"])) if ok else None
 
 
 def sweep(variant_dir: Path, base_config: Path, grid: list[dict[str, Any]], loads: list[int], duration: float,
@@ -177,10 +180,10 @@ def stock_curve(model_dir: Path, loads: list[int], duration: float, work: Path,
 
 def grid_of(batches: list[int], delays: list[int], workers: list[int], threads: list[str]) -> list[dict[str, Any]]:
     """Every combination, less the ones that are the same setting (auto with one worker is every core, fixed:
-    the lease with nothing to share it with)."""
+    the lease with nothing to share it with; batch 1 never waits, so only its shortest delay)."""
     return [{"batch_size": b, "max_batch_delay": d, "workers": w, "threads": t}
             for b, d, w, t in itertools.product(batches, delays, workers, threads)
-            if not (t == "auto" and w == 1 and "lease" in threads)]
+            if not (t == "auto" and w == 1 and "lease" in threads) and not (b == 1 and d != min(delays))]
 
 
 def ints(text: str) -> list[int]:
@@ -213,11 +216,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Tuning for p99 <= {target:g} ms over {report['loads']} connections", "",
              f"{report['machine']['cpu']}, {report['machine']['cpus']} CPUs. Command: `{report['command']}`", "",
              f"Winner: batchSize {w['batch_size']}, maxBatchDelay {w['max_batch_delay']} ms, {w['workers']} "
-             f"worker(s), threads {w['threads']} (score {w['score']:.2f} of {len(report['loads'])}).", "",
-             "| batch | delay ms | workers | threads | score | " + " | ".join(
+             f"worker(s), threads {w['threads']}: at its worst load {w['score']:.0%} of the best setting there.", "",
+             "| batch | delay ms | workers | threads | worst share | " + " | ".join(
                  f"c{c} req/s (p99 ms)" for c in report["loads"]) + " |",
              "|---:|---:|---:|---|---:|" + "---:|" * len(report["loads"])]
-    for s in sorted(report["settings"], key=lambda s: -s["score"]):
+    for s in sorted(report["settings"], key=lambda s: (-s["score"], -s["total"])):
         cells = [f"{c['rps']:.1f} ({c['p99_ms']:.0f}){'' if c['meets'] else ' ✗'}" for c in s["curve"]]
         lines.append(f"| {s['batch_size']} | {s['max_batch_delay']} | {s['workers']} | {s['threads']} | "
                      f"{s['score']:.2f} | " + " | ".join(cells) + " |")
@@ -227,7 +230,9 @@ def markdown(report: dict[str, Any]) -> str:
         ratios = [f"c{c['concurrency']} {c['rps'] / s['rps']:.2f}x" for c, s in zip(w["curve"], report["stock"],
                                                                                       strict=True)]
         lines += ["", "Winner ÷ stock req/s: " + ", ".join(ratios) + "."]
-    lines += ["", "✗: p99 over the target, or errors. Closed loop (wrk), held-out digit JPEGs, "
+    lines += ["", "worst share: the lowest, over the loads, of the setting's req/s over the best req/s within the "
+              "target at that load (the tuner picks the highest). ✗: p99 over the target, or errors. "
+              "Closed loop (wrk), held-out digit JPEGs, "
               f"{report['duration_s']:g} s per load.", "", "![tuned curve](tune.png)", ""]
     return "\n".join(lines)
 
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--p99-ms", type=float, default=100.0, help="p99 target, in ms, at every load")
     ap.add_argument("--loads", type=ints, default=None, help="connections (default 1,4,16,64; quick 1,8)")
     ap.add_argument("--batch", type=ints, default=None, help="batch sizes (default 1,8; quick 1,8)")
-    ap.add_argument("--delay", type=ints, default=None, help="maxBatchDelay ms (default 1,5; quick 1)")
+    ap.add_argument("--delay", type=ints, default=None, help="maxBatchDelay ms (default 1,2,5; quick 1)")
     ap.add_argument("--workers", type=ints, default=None, help="workers (default 1,2; quick 1)")
     ap.add_argument("--threads", type=policies, default=None,
                     help="handler thread policies (default lease,auto; quick lease)")
@@ -287,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.config.is_file():
         sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
     q = args.quick
-    grid = grid_of(args.batch or [1, 8], args.delay or ([1] if q else [1, 5]), args.workers or ([1] if q else [1, 2]),
-                   args.threads or (["lease"] if q else list(THREAD_POLICIES)))
+    grid = grid_of(args.batch or [1, 8], args.delay or ([1] if q else [1, 2, 5]),
+                   args.workers or ([1] if q else [1, 2]), args.threads or (["lease"] if q else list(THREAD_POLICIES)))
     loads = args.loads or ([1, 8] if q else [1, 4, 16, 64])
     duration = args.duration or (2 if q else 5)
     parent = None if q else stock_model(args.variant_dir)

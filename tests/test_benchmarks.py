@@ -54,10 +54,28 @@ def test_the_tuner_scores_the_whole_load_curve_within_the_target() -> None:
     rows = [row(0, 1, 10, 150), row(0, 64, 200, 90), row(1, 1, 20, 50), row(1, 64, 180, 95),
             row(2, 1, 30, 40, errors=1), row(2, 64, 300, 500)]
     settings = score(rows, p99_ms=100)
-    assert [s["score"] for s in settings] == [1.0, 1.9, 0.0]
+    assert [(s["score"], s["total"]) for s in settings] == [(0.0, 1.0), (0.9, 1.9), (0.0, 0.0)]
     assert [c["meets"] for c in settings[0]["curve"]] == [False, True]
     assert pick(settings)["setting"] == 1
     assert pick(score(rows, p99_ms=1)) is None
+
+
+def test_a_gain_at_high_load_cannot_buy_a_loss_at_low_load() -> None:
+    # 0: best at 1 connection, 70% of the best at 64 (sum 1.7); 1: 80% and 85% (sum 1.65); 2 only sets the best at 64
+    rows = [row(0, 1, 20, 50), row(0, 64, 140, 90), row(1, 1, 16, 50), row(1, 64, 170, 90),
+            row(2, 1, 1, 500), row(2, 64, 200, 90)]
+    settings = score(rows, p99_ms=100)
+    assert [s["score"] for s in settings] == [0.7, 0.8, 0.0] and settings[0]["total"] > settings[1]["total"]
+    assert pick(settings)["setting"] == 1
+    # a load no setting meets the target at is left out rather than zeroing every score
+    assert pick(score([*rows, row(0, 256, 10, 900), row(1, 256, 10, 900)], p99_ms=100))["setting"] == 1
+
+
+def test_the_grid_drops_settings_that_are_the_same() -> None:
+    grid = tune.grid_of([1, 8], [1, 2, 5], [1, 2], ["lease", "auto"])
+    assert len(grid) == len({tuple(g.values()) for g in grid}) == 12
+    assert {g["max_batch_delay"] for g in grid if g["batch_size"] == 1} == {1}
+    assert not [g for g in grid if g["threads"] == "auto" and g["workers"] == 1]
 
 
 @pytest.mark.server
