@@ -20,7 +20,7 @@ run_tier() {
   local started=$SECONDS status=0
   echo "==> $1 tier"
   # Exit 5 (nothing selected, e.g. -k matching only the other tier's tests) is not a failure of the tier.
-  PYTHONPATH="$ROOT" .venv/bin/python -m pytest -m "$2" --durations=10 "${@:3}" || status=$?
+  PYTHONPATH="$ROOT" .venv/bin/python -m pytest -m "$2" --durations=25 "${@:3}" || status=$?
   echo "==> $1 tier: exit $status in $((SECONDS - started)) s"
   [[ $status == 0 || $status == 5 ]] || exit "$status"
 }
