@@ -17,6 +17,7 @@ variant -> benchmarks/results/report.{json,md} + PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import itertools
 import shutil
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     mode = QUICK if args.quick else FULL
     if args.duration:
-        mode = Mode(mode.name, mode.levels, mode.fractions, args.duration, mode.digits, mode.min_time)
+        mode = dataclasses.replace(mode, duration_s=args.duration)
     model = args.model or ROOT / "artifacts" / ("resnet50" if args.gpu else "resnet18")
     if not (model / CARD_FILE).is_file():
         sys.exit(f"error: {model}/{CARD_FILE} not found; train and export the model first "
@@ -202,8 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # open loop for stock, ours fp32 and the fastest (or picked) variant
         looped = {"ours_fp32", f"ours_{picked or fastest(inproc, {variant for _, variant, _ in ours})}"}
-        runs = (2 * len(mode.levels)) * (len(stock.settings(mode.name == "full")) + len(ours)) + len(mode.fractions) * (
-            len(stock.settings(mode.name == "full")) + len(looped))
+        stocks = len(stock.settings(mode.name == "full"))
+        runs = 2 * len(mode.levels) * (stocks + len(ours)) + len(mode.fractions) * len(mode.arrivals) * (
+            stocks + len(looped))
         served: list[dict[str, Any]] = []
         open_loop: list[dict[str, Any]] = []
         with tqdm(total=runs, desc="served", leave=False) as progress:

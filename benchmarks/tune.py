@@ -3,16 +3,16 @@ maxBatchDelay for one variant, and write the setting that serves most within the
 curve into the model-config.yaml that build_mar.sh packs.
 
     python -m benchmarks.tune artifacts/resnet18 --p99-ms 100 [--loads 1,4,16,64] [--config handlers/model-config.yaml]
-        [--batch 1,8] [--delay 1,2,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--quick] [--dry-run]
+        [--batch 1,8] [--delay 0,1,2,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--quick] [--dry-run]
 
 Each setting is a real archive (build_mar.sh --config <setting>) loaded alone into a real TorchServe and
 driven by wrk with the held-out digit JPEGs at every load (closed loop, that many connections). Stock
 TorchServe on the fp32 TorchScript of the same weights runs the same loads in the same run (its default and
-one single-threaded worker per core; the better at each load is the curve shown). A setting scores, at each
-load, its req/s over the best req/s any setting reached within the target there (0 when its p99 is over the
-target or it had errors), and its score is the lowest of these over the loads: the setting whose worst load is
-closest to the best wins, so a gain at 64 connections cannot buy a loss at 1 (ties: the higher sum). Only batchSize,
-maxBatchDelay, minWorkers, maxWorkers and handler.threads change in the config; comments stay.
+one single-threaded worker per core; the better at each load is the curve shown). At each load a setting's
+share is its req/s over stock's there (over the best setting's when stock is not measured), 0 when its p99 is
+over the target or it had errors; its score is its lowest share over the loads. The setting whose worst load
+does best against stock wins, so a gain at 64 connections cannot buy a loss at 1 (ties: the higher sum). Only
+batchSize, maxBatchDelay, minWorkers, maxWorkers and handler.threads change in the config; comments stay.
 """
 
 from __future__ import annotations
@@ -96,10 +96,12 @@ def setting_values(s: dict[str, Any]) -> dict[str, int | str]:
             "maxWorkers": s["workers"], "handler.threads": s["threads"]}
 
 
-def score(results: list[dict[str, Any]], p99_ms: float) -> list[dict[str, Any]]:
-    """One row per setting with its curve, `share` at each load (its req/s over the best req/s within the target
-    there; 0 where its p99 is over the target or it had errors), `score` (the lowest share: max-min over the
-    loads) and `total` (the sum of shares). Loads where no setting met the target are left out of both."""
+def score(results: list[dict[str, Any]], p99_ms: float, reference: dict[int, float] | None = None
+          ) -> list[dict[str, Any]]:
+    """One row per setting with its curve, `share` at each load (its req/s over `reference`'s req/s at that load,
+    stock's, or else over the best req/s within the target there; 0 where its p99 is over the target or it had
+    errors), `score` (the lowest share: max-min over the loads) and `total` (the sum of shares). Loads where no
+    setting met the target are left out of both."""
     def meets(r: dict[str, Any]) -> bool:
         return r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] <= p99_ms
 
@@ -111,7 +113,7 @@ def score(results: list[dict[str, Any]], p99_ms: float) -> list[dict[str, Any]]:
     for r in results:
         row = settings.setdefault(r["setting"], {k: r[k] for k in ("setting", "batch_size", "max_batch_delay",
                                                                    "workers", "threads")} | {"curve": []})
-        share = r["rps"] / best[r["concurrency"]] if meets(r) else 0.0
+        share = r["rps"] / ((reference or {}).get(r["concurrency"]) or best[r["concurrency"]]) if meets(r) else 0.0
         row["curve"].append({k: r[k] for k in ("concurrency", "rps", "p50_ms", "p99_ms", "errors")} | {
             "meets": meets(r), "share": round(share, 4)})
     for row in settings.values():
@@ -213,10 +215,11 @@ def stock_model(variant_dir: Path) -> Path | None:
 
 def markdown(report: dict[str, Any]) -> str:
     w, target = report["winner"], report["p99_bound_ms"]
+    against = "stock's req/s" if report["stock"] else "the best setting's req/s within the target"
     lines = [f"# Tuning for p99 <= {target:g} ms over {report['loads']} connections", "",
              f"{report['machine']['cpu']}, {report['machine']['cpus']} CPUs. Command: `{report['command']}`", "",
              f"Winner: batchSize {w['batch_size']}, maxBatchDelay {w['max_batch_delay']} ms, {w['workers']} "
-             f"worker(s), threads {w['threads']}: at its worst load {w['score']:.0%} of the best setting there.", "",
+             f"worker(s), threads {w['threads']}: at its worst load {w['score']:.2f}× {against}.", "",
              "| batch | delay ms | workers | threads | worst share | " + " | ".join(
                  f"c{c} req/s (p99 ms)" for c in report["loads"]) + " |",
              "|---:|---:|---:|---|---:|" + "---:|" * len(report["loads"])]
@@ -230,8 +233,8 @@ def markdown(report: dict[str, Any]) -> str:
         ratios = [f"c{c['concurrency']} {c['rps'] / s['rps']:.2f}x" for c, s in zip(w["curve"], report["stock"],
                                                                                       strict=True)]
         lines += ["", "Winner ÷ stock req/s: " + ", ".join(ratios) + "."]
-    lines += ["", "worst share: the lowest, over the loads, of the setting's req/s over the best req/s within the "
-              "target at that load (the tuner picks the highest). ✗: p99 over the target, or errors. "
+    lines += ["", f"worst share: the lowest, over the loads, of the setting's req/s over {against} at that load "
+              "(the tuner picks the highest). ✗: p99 over the target, or errors. "
               "Closed loop (wrk), held-out digit JPEGs, "
               f"{report['duration_s']:g} s per load.", "", "![tuned curve](tune.png)", ""]
     return "\n".join(lines)
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--p99-ms", type=float, default=100.0, help="p99 target, in ms, at every load")
     ap.add_argument("--loads", type=ints, default=None, help="connections (default 1,4,16,64; quick 1,8)")
     ap.add_argument("--batch", type=ints, default=None, help="batch sizes (default 1,8; quick 1,8)")
-    ap.add_argument("--delay", type=ints, default=None, help="maxBatchDelay ms (default 1,2,5; quick 1)")
+    ap.add_argument("--delay", type=ints, default=None, help="maxBatchDelay ms (default 0,1,2,5; quick 1)")
     ap.add_argument("--workers", type=ints, default=None, help="workers (default 1,2; quick 1)")
     ap.add_argument("--threads", type=policies, default=None,
                     help="handler thread policies (default lease,auto; quick lease)")
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.config.is_file():
         sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
     q = args.quick
-    grid = grid_of(args.batch or [1, 8], args.delay or ([1] if q else [1, 2, 5]),
+    grid = grid_of(args.batch or [1, 8], args.delay or ([1] if q else [0, 1, 2, 5]),
                    args.workers or ([1] if q else [1, 2]), args.threads or (["lease"] if q else list(THREAD_POLICIES)))
     loads = args.loads or ([1, 8] if q else [1, 4, 16, 64])
     duration = args.duration or (2 if q else 5)
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    settings = score(rows, args.p99_ms)
+    settings = score(rows, args.p99_ms, {r["concurrency"]: r["rps"] for r in stock_rows if r["rps"] > 0})
     best = pick(settings)
     report = {"variant_dir": str(args.variant_dir), "variant": ModelCard.read(args.variant_dir).variant,
               "config": str(args.config), "p99_bound_ms": args.p99_ms, "loads": loads, "duration_s": duration,

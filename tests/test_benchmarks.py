@@ -71,6 +71,17 @@ def test_a_gain_at_high_load_cannot_buy_a_loss_at_low_load() -> None:
     assert pick(score([*rows, row(0, 256, 10, 900), row(1, 256, 10, 900)], p99_ms=100))["setting"] == 1
 
 
+def test_against_stock_the_setting_whose_worst_load_beats_stock_most_wins() -> None:
+    # against the best setting, 0's worst load (90% at c1) beats 1's (86% at c64); against stock, only 1 is never
+    # slower
+    rows = [row(0, 1, 18, 50), row(0, 64, 210, 90), row(1, 1, 20, 50), row(1, 64, 180, 90)]
+    stock = {1: 19.0, 64: 120.0}
+    settings = score(rows, p99_ms=100, reference=stock)
+    assert [s["score"] for s in settings] == [round(18 / 19, 4), round(20 / 19, 4)]
+    assert pick(settings)["setting"] == 1
+    assert pick(score(rows, p99_ms=100))["setting"] == 0
+
+
 def test_the_grid_drops_settings_that_are_the_same() -> None:
     grid = tune.grid_of([1, 8], [1, 2, 5], [1, 2], ["lease", "auto"])
     assert len(grid) == len({tuple(g.values()) for g in grid}) == 12
