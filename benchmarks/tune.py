@@ -3,7 +3,7 @@ maxBatchDelay for one variant, and write the setting that serves most within the
 curve into the model-config.yaml that build_mar.sh packs.
 
     python -m benchmarks.tune artifacts/resnet18 --p99-ms 100 [--loads 1,4,16,64] [--config handlers/model-config.yaml]
-        [--batch 1,8] [--delay 0,1,2,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--quick] [--dry-run]
+        [--batch 1,8] [--delay 1,2,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--quick] [--dry-run]
 
 Each setting is a real archive (build_mar.sh --config <setting>) loaded alone into a real TorchServe and
 driven by wrk with the held-out digit JPEGs at every load (closed loop, that many connections). Stock
@@ -198,6 +198,13 @@ def ints(text: str) -> list[int]:
     return values
 
 
+def delays(text: str) -> list[int]:
+    values = ints(text)
+    if 0 in values:  # training/package.py refuses it: TorchServe reads an archive's 0 as its 100 ms default
+        raise argparse.ArgumentTypeError("maxBatchDelay 0 is read by TorchServe 0.12 as unset (100 ms); use 1")
+    return values
+
+
 def policies(text: str) -> list[str]:
     values = [x.strip() for x in text.split(",") if x.strip()]
     if not values or set(values) - set(THREAD_POLICIES):
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--p99-ms", type=float, default=100.0, help="p99 target, in ms, at every load")
     ap.add_argument("--loads", type=ints, default=None, help="connections (default 1,4,16,64; quick 1,8)")
     ap.add_argument("--batch", type=ints, default=None, help="batch sizes (default 1,8; quick 1,8)")
-    ap.add_argument("--delay", type=ints, default=None, help="maxBatchDelay ms (default 0,1,2,5; quick 1)")
+    ap.add_argument("--delay", type=delays, default=None, help="maxBatchDelay ms, at least 1 (default 1,2,5; quick 1)")
     ap.add_argument("--workers", type=ints, default=None, help="workers (default 1,2; quick 1)")
     ap.add_argument("--threads", type=policies, default=None,
                     help="handler thread policies (default lease,auto; quick lease)")
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.config.is_file():
         sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
     q = args.quick
-    grid = grid_of(args.batch or [1, 8], args.delay or ([1] if q else [0, 1, 2, 5]),
+    grid = grid_of(args.batch or [1, 8], args.delay or ([1] if q else [1, 2, 5]),
                    args.workers or ([1] if q else [1, 2]), args.threads or (["lease"] if q else list(THREAD_POLICIES)))
     loads = args.loads or ([1, 8] if q else [1, 4, 16, 64])
     duration = args.duration or (2 if q else 5)

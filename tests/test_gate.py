@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,16 @@ def test_gate_accepts_int8_within_budget_and_packages_it_cpu_only(int8: Path, tm
     assert config["deviceType"] == "cpu"
     assert ModelCard.read(unpacked) == card  # the card travels into the archive unchanged
     assert read_manifest(store)["digits_int8.mar"]["variant"] == "int8"
+
+
+def test_a_zero_batch_delay_is_refused_with_what_torchserve_does_with_it(parent: Path, tmp_path: Path) -> None:
+    config = tmp_path / "model-config.yaml"
+    config.write_text(re.sub(r"(?m)^maxBatchDelay: \d+", "maxBatchDelay: 0",
+                             (ROOT / "handlers" / "model-config.yaml").read_text()))
+    assert yaml.safe_load(config.read_text())["maxBatchDelay"] == 0
+    result = build_mar(parent, tmp_path / "store", "--config", str(config), check=False)
+    assert result.returncode != 0 and not list((tmp_path / "store").glob("*.mar"))
+    assert "maxBatchDelay 0 with batchSize 8 would wait 100 ms" in result.stderr and "use 1" in result.stderr
 
 
 def test_int8_cannot_be_forced_onto_gpu(int8: Path, tmp_path: Path) -> None:
