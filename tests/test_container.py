@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -155,6 +156,12 @@ def usable_by_others(path: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in real.parents) and real.stat().st_mode & 0o005 == 0o005
 
 
+def installed_bytes() -> int:
+    """What this checkout's venv holds: a bound on what install.sh writes (the same pins, fewer packages)."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    return sum(f.stat().st_size for f in site.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 class Install(NamedTuple):
     path: Path
     output: str
@@ -168,6 +175,11 @@ def install() -> Iterator[Install]:
     temporary directory, so that the image's user can reach it."""
     image_root = Path(tempfile.mkdtemp(prefix="digits-image-"))
     image_root.chmod(0o755)
+    free, needed = shutil.disk_usage(image_root).free, installed_bytes() + 2**30
+    if free < needed:
+        shutil.rmtree(image_root)
+        pytest.skip(f"install.sh needs ~{needed / 2**30:.1f} GiB (this venv's packages + 1 GiB) in "
+                    f"{image_root.parent}, which has {free / 2**30:.1f} GiB free: free space or set TMPDIR")
     path = image_root / IMAGE_PREFIX.lstrip("/")
     started = time.monotonic()
     try:
