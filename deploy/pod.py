@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from handlers.contract import KEY_FILE, KeyFileError, read_key
+from handlers.cores import OPENMP_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERNAL_PORTS = ("inference", "management", "grpc_inference", "grpc_management")
@@ -61,9 +62,10 @@ def server_properties(ports: dict[str, int], metrics: str, model_store: Path, tm
 
 
 def torchserve_env(home: Path) -> dict[str, str]:
-    """TorchServe's launcher keeps its pid file in TMPDIR and refuses a second server beside it: one per home."""
+    """TorchServe's launcher keeps its pid file in TMPDIR and refuses a second server beside it: one per home.
+    The workers inherit it, so the OpenMP setting the lease needs goes here (the caller's own value wins)."""
     tmp = home / "tmp"
-    return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(home / "logs"),
+    return {**OPENMP_ENV, **os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(home / "logs"),
             "METRICS_LOCATION": str(home / "logs"), "PYTHONPATH": "",
             # TorchServe's base handler imports onnxruntime when installed, which writes telemetry under $HOME.
             "ORT_DISABLE_TELEMETRY": "1"}

@@ -35,6 +35,8 @@ else step "quick model: resnet18 @ 64 px, 3 epochs on the bundled digits"
 
 step "serve: torchserve --start --ts-config deploy/operator.properties (versions go in through deploy.deploy)"
 rm -f key_file.json  # TorchServe writes fresh keys at start; an old file would hold stale ones
+# The workers inherit this environment: the OpenMP setting the handler's core lease needs (handlers/cores.py).
+eval "$(python -c 'from handlers.cores import OPENMP_ENV; print(*(f"export {k}=${{{k}:-{v}}}" for k, v in OPENMP_ENV.items()))')"
 torchserve --start --ts-config deploy/operator.properties --ncs >/dev/null
 for _ in $(seq 120); do [[ -f key_file.json ]] && break; sleep 0.5; done
 python -m deploy.deploy --no-progress register digits-1.0.mar

@@ -23,7 +23,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import machine, protocols
 from handlers.contract import ModelCard
-from handlers.cores import CorePool
+from handlers.cores import OPENMP_ENV, CorePool, openmp_env_missing
 from handlers.errors import InputError
 from handlers.explain import Saliency, overlay_png
 from handlers.protocols import Parsed, Protocol
@@ -90,6 +90,10 @@ class ModelHandler(BaseHandler):
         elastic = RUNTIMES[self.card.runtime].elastic
         leasing = self.options["threads"] == "lease" and self.device.type == "cpu" and elastic
         self.cores = CorePool() if leasing else None
+        if leasing and openmp_env_missing():
+            logger.warning("TorchServe was started without %s: this worker's idle OpenMP threads keep spinning on "
+                           "the cores its lease has released. Start it with %s torchserve --start ...",
+                           ", ".join(openmp_env_missing()), " ".join(f"{k}={v}" for k, v in OPENMP_ENV.items()))
         self.threads = self.pick_threads(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
         torch.set_num_threads(self.threads)
         started = time.perf_counter()

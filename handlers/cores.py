@@ -16,6 +16,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# A released core is not free while the worker's OpenMP threads spin on it: libgomp (torch's OpenMP on Linux)
+# busy-waits 300000 rounds after each parallel region, so the next worker's batch ran on contended cores (two
+# workers alternating at one connection: python -m benchmarks.openmp_spin). The runtime reads this once, when
+# torch loads, and TorchServe's workers inherit the frontend's environment: the server must start with it.
+OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
+
+
+def openmp_env_missing() -> list[str]:
+    """The OPENMP_ENV settings this process was started without."""
+    return [k for k in OPENMP_ENV if k not in os.environ]
+
 
 def default_dir() -> Path:
     """Shared by every worker of this user on this machine; /dev/shm when there is one (never on disk)."""

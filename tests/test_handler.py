@@ -17,6 +17,7 @@ import yaml
 from torchvision.io import encode_jpeg, encode_png
 
 from handlers.contract import CARD_FILE, EXPORTED_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, ModelCard
+from handlers.cores import OPENMP_ENV
 from handlers.image_classifier import ImageClassifier
 from handlers.imaging import Normalizer, decode_image, resize_batch
 from handlers.loading import build_model, load_state_dict
@@ -68,6 +69,21 @@ def test_threads_per_worker(handler, model_dir: Path) -> None:
         probe.options = {"threads": bad}
         with pytest.raises(ValueError, match="threads must be 'lease', 'auto' or a positive integer.*model-config"):
             probe.pick_threads(1)
+
+
+def test_a_leasing_handler_names_the_openmp_setting_it_was_started_without(model_dir: Path, monkeypatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    for key in OPENMP_ENV:
+        monkeypatch.delenv(key, raising=False)
+    with caplog.at_level(logging.WARNING, logger="handlers.base"):
+        ImageClassifier().initialize(make_context(model_dir))
+    warned = [r.getMessage() for r in caplog.records if "OpenMP" in r.getMessage()]
+    assert len(warned) == 1 and all(f"{k}={v}" in warned[0] for k, v in OPENMP_ENV.items()), warned
+    caplog.clear()
+    monkeypatch.setenv(*next(iter(OPENMP_ENV.items())))
+    with caplog.at_level(logging.WARNING, logger="handlers.base"):
+        ImageClassifier().initialize(make_context(model_dir))
+    assert not [r for r in caplog.records if "OpenMP" in r.getMessage()]
 
 
 def test_each_batch_runs_on_the_cores_it_leased(handler, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import torch
@@ -15,6 +16,7 @@ import yaml
 from torchvision.io import encode_jpeg, encode_png
 
 from handlers.contract import STATE_DICT_FILE, ModelCard
+from handlers.cores import OPENMP_ENV
 from handlers.deprecations import known_deprecations
 from handlers.imaging import Normalizer, decode_image, resize_batch
 from handlers.loading import build_model, load_state_dict
@@ -151,6 +153,12 @@ def test_describe_returns_the_model_card(server, tiny_card) -> None:
     # The frontend drops JSON nulls on the way out; the card's defaults (None) restore them.
     assert ModelCard.from_dict(described["card"]) == tiny_card
     assert described["serving"]["version"] == "1.0" and described["serving"]["device"] == "cpu"
+
+
+def test_workers_inherit_the_openmp_setting_the_core_lease_needs(server) -> None:
+    for pid in server.api.worker_pids("digits"):
+        environ = psutil.Process(pid).environ()
+        assert {k: environ.get(k) for k in OPENMP_ENV} == OPENMP_ENV, f"worker {pid}"
 
 
 def test_requests_without_the_token_are_refused(server, tiny_splits) -> None:
