@@ -82,6 +82,21 @@ def test_against_stock_the_setting_whose_worst_load_beats_stock_most_wins() -> N
     assert pick(score(rows, p99_ms=100))["setting"] == 0
 
 
+def test_a_runoff_takes_the_close_settings_and_counts_each_loads_median_round() -> None:
+    # 0 and 1 are within 10% of each other; 2 is far behind and 3 misses the target
+    rows = [row(0, 1, 20, 50), row(1, 1, 19, 50), row(2, 1, 10, 50), row(3, 1, 30, 500)]
+    assert sorted(tune.contenders(score(rows, p99_ms=100), margin=0.1)) == [0, 1]
+    # two more rounds: 0's lucky first round is outvoted (median 17), 1 holds (median 19), so 1 wins
+    runoff = [row(0, 1, 17, 50), row(0, 1, 16, 50), row(1, 1, 19, 50), row(1, 1, 20, 50)]
+    settings = {s["setting"]: s for s in score(rows + runoff, p99_ms=100)}
+    assert settings[0]["curve"][0]["rps"] == 17 and settings[1]["curve"][0]["rps"] == 19
+    assert settings[0]["curve"][0]["rounds"] == 3 and settings[2]["curve"][0]["rounds"] == 1
+    assert pick(list(settings.values()))["setting"] == 1
+    # an error in any round fails the load
+    failed = [*rows, row(1, 1, 19, 50, errors=1)]
+    assert {s["setting"]: s["score"] for s in score(failed, p99_ms=100)}[1] == 0.0
+
+
 def test_the_grid_drops_settings_that_are_the_same() -> None:
     grid = tune.grid_of([1, 8], [1, 2, 5], [1, 2], ["lease", "auto"])
     assert len(grid) == len({tuple(g.values()) for g in grid}) == 12
