@@ -25,10 +25,11 @@ import torch
 
 from benchmarks.archives import ROOT
 from benchmarks.stock import LIBGOMP_DEFAULT
+from benchmarks.thread_switch import elastic_variant
 from handlers import machine
 from handlers.contract import ModelCard
 from handlers.cores import OPENMP_ENV, CorePool
-from handlers.runtimes import RUNTIMES, load_model
+from handlers.runtimes import load_model
 from training.stats import percentile
 
 
@@ -96,11 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gap-ms", type=float, default=1.5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "openmp_spin.json")
     args = ap.parse_args(argv)
-    directory = args.model_dir / "variants" / args.variant if args.variant else args.model_dir
-    card = ModelCard.read(directory)
-    if not RUNTIMES[card.runtime].elastic:
-        ap.exit(2, f"error: runtime {card.runtime} runs its own thread pool, not torch's OpenMP one: nothing to "
-                "measure\n")
+    directory, card = elastic_variant(ap, args.model_dir, args.variant)
     settings = {"one worker": (1, LIBGOMP_DEFAULT), "two workers, libgomp default": (2, LIBGOMP_DEFAULT),
                 f"two workers, {' '.join(f'{k}={v}' for k, v in OPENMP_ENV.items())}": (2, OPENMP_ENV)}
     times: dict[str, list[float]] = {name: [] for name in settings}

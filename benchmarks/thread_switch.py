@@ -68,6 +68,16 @@ def switching(model: Any, x: torch.Tensor, cores: int, rounds: int, calls: int) 
     return out
 
 
+def elastic_variant(ap: argparse.ArgumentParser, model_dir: Path, variant: str | None) -> tuple[Path, ModelCard]:
+    """The model (or its variant) and its card; exits unless its runtime leases cores (torch's thread pool)."""
+    directory = model_dir / "variants" / variant if variant else model_dir
+    card = ModelCard.read(directory)
+    if not RUNTIMES[card.runtime].elastic:
+        ap.exit(2, f"error: runtime {card.runtime} fixes its thread count at load; the handler gives it a fixed "
+                "share of the cores and never leases or re-sizes torch's pool, so there is nothing to measure\n")
+    return directory, card
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
@@ -77,11 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "thread_switch.json")
     args = ap.parse_args(argv)
-    directory = args.model_dir / "variants" / args.variant if args.variant else args.model_dir
-    card = ModelCard.read(directory)
-    if not RUNTIMES[card.runtime].elastic:
-        ap.exit(2, f"error: runtime {card.runtime} fixes its thread count at load; the handler gives it a fixed "
-                "share of the cores and never re-sizes a pool, so there is nothing to measure\n")
+    directory, card = elastic_variant(ap, args.model_dir, args.variant)
     cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     model = load_model(directory, card, "cpu", cores)
