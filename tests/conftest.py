@@ -7,6 +7,7 @@ import contextlib
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--figures-out", type=Path, default=None, help="write the reliability figures as JSON here")
 
 
+def is_slow(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is not None
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly has shuffled
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fast tier first, then the slow one, each in its shuffled order: one session, so both tiers share the
+    session's fixtures (the tiny model, its archives, the variants), and a fast failure ends the run early."""
+    items.sort(key=is_slow)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.stash[STARTED] = time.monotonic()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
+    result = yield
+    if nextitem is not None and not is_slow(item) and is_slow(nextitem):
+        session = item.session
+        seconds = time.monotonic() - session.stash[STARTED]
+        reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\n==> fast tier: {session.testsfailed} failed, {seconds:.0f} s; the slow tier next")
+        if session.testsfailed:
+            session.shouldstop = "the fast tier failed; the slow tier did not run"
+    return result
+
+
+STARTED = pytest.StashKey[float]()
 TORCH_THREADS = torch.get_num_threads()
 
 

@@ -34,7 +34,7 @@ def args(members: str, fusion: str = "mean") -> argparse.Namespace:
                               "--calibration-images", "64", "--no-progress"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by both tiers (tests/conftest.py)
 def parent(pruned_parent: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with its pruned, fp32 and int8 variants, an ensemble and a cascade of them."""
     out = tmp_path_factory.mktemp("fusion") / "parent"

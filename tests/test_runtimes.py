@@ -108,7 +108,7 @@ class Runtimes:
         return model_name(variant)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by both tiers (tests/conftest.py)
 def runtimes(pruned_parent: Path, model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Runtimes:
     """A private copy of the tiny model with its pruned variant (stacked variants start from it); a store holding
     digits.mar (TorchScript fp32) to which the runtime archives are added, each with one worker (eleven models
