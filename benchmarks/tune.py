@@ -40,6 +40,7 @@ from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine
 from benchmarks.served import Bench
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
+from training.package import check_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -227,9 +228,13 @@ def ints(text: str) -> list[int]:
 
 
 def delays(text: str) -> list[int]:
+    """Checked as build_mar.sh will check them (with batches), before minutes of archive builds."""
     values = ints(text)
-    if 0 in values:  # training/package.py refuses it: TorchServe reads an archive's 0 as its 100 ms default
-        raise argparse.ArgumentTypeError("maxBatchDelay 0 is read by TorchServe 0.12 as unset (100 ms); use 1")
+    for v in values:
+        try:
+            check_config({"maxBatchDelay": v, "batchSize": 2}, Path("--delay"))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return values
 
 
