@@ -19,7 +19,8 @@ usage: build_mar.sh MODEL_DIR [options]
   --pick KIND        package the variant of MODEL_DIR that python -m training.optimize MODEL_DIR --pick
                      chose on this machine: latency | throughput | lossless
   --handler NAME     handler module in handlers/ (default: image_classifier)
-  --config FILE      model-config.yaml to pack (default: handlers/model-config.yaml)
+  --config FILE      model-config.yaml to pack as is (default: handlers/model-config.yaml, with the tuner's
+                     choice for this variant, MODEL_DIR/tuned-config.yaml, over it when present)
   --device D         auto|cpu|gpu deviceType (default auto: gpu, or cpu for CPU-only variants)
   --budget PT        accuracy gate: allowed top-1 drop vs the fp32 parent, in points (default 0.5)
   --explain          pack the fp32 parent's weights so POST /explanations/NAME answers (needs captum in
@@ -30,7 +31,7 @@ EOF
 }
 die() { echo "error: $*" >&2; exit 1; }
 
-MODEL_DIR="" NAME="" VERSION="" ARCHIVE="" HANDLER="image_classifier" CONFIG="$ROOT/handlers/model-config.yaml"
+MODEL_DIR="" NAME="" VERSION="" ARCHIVE="" HANDLER="image_classifier" CONFIG=""
 DEVICE="auto" BUDGET="0.5" STORE="$ROOT/model_store" FORCE=0 PICK="" EXPLAIN=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -70,7 +71,7 @@ python -m training.gate "$MODEL_DIR" --budget "$BUDGET"
 
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
-FACTS="$(python -m training.package stage "$MODEL_DIR" "$STAGE" --config "$CONFIG" --device "$DEVICE" ${VERSION:+--version "$VERSION"} $EXPLAIN)"
+FACTS="$(python -m training.package stage "$MODEL_DIR" "$STAGE" ${CONFIG:+--config "$CONFIG"} --device "$DEVICE" ${VERSION:+--version "$VERSION"} $EXPLAIN)"
 fact() { sed -n "s/^$1=//p" <<<"$FACTS"; }
 NAME="${NAME:-$(fact name)}"
 VERSION="$(fact version)"
@@ -96,4 +97,4 @@ TMPDIR="$STAGE" torch-model-archiver \
 mv -f "$STAGE/out/$NAME.mar" "$MAR"
 
 python -m training.package record "$MAR" "$MODEL_DIR"
-echo "built $MAR (model $NAME, version $VERSION, deviceType $(fact device))"
+echo "built $MAR (model $NAME, version $VERSION, deviceType $(fact device), config $(fact config))"

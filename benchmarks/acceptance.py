@@ -21,19 +21,39 @@ def add_ratios(served: list[dict[str, Any]], inproc: list[dict[str, Any]]) -> No
         r["vs_inprocess"] = r["rps"] / top if top and r["server"] == "ours" and r["input"] == "digits" else None
 
 
-def never_slower(served: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ours on the fp32 weights against the best stock setting at every input and concurrency, and p50 alone."""
+def never_slower(served: list[dict[str, Any]], light: dict[str, dict[str, Any]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Ours on the fp32 weights against the best stock setting at every input and concurrency, and p50 alone. At
+    1 connection, `light` (benchmarks.light_load.summary: the median of rounds taken in turn) replaces the sweep's
+    single points where it was measured."""
     out = []
+    light = light or {}
     fp32 = [r for r in served if r["server"] == "ours" and r["variant"] == "fp32" and r["vs_stock"] is not None]
     if fp32:
-        worst = min(fp32, key=lambda r: r["vs_stock"])
-        levels = sorted({r["concurrency"] for r in fp32})
-        inputs = sorted({r["input"] for r in fp32})
+        ratios = {(r["input"], r["concurrency"]): r["vs_stock"] for r in fp32}
+        ratios |= {(name, 1): s["rps_ratio"] for name, s in light.items()}
+        worst = min(ratios, key=ratios.__getitem__)
+        levels = sorted({c for _, c in ratios})
+        inputs = sorted({i for i, _ in ratios})
+        rounds = next(iter(light.values()), {}).get("rounds")
+        spread = "".join(f"; {name} c1 per round {s['rps_ratio_min']:.2f}-{s['rps_ratio_max']:.2f}x"
+                         for name, s in light.items())
         out.append({"target": f"ours fp32 >= 1.0x best stock req/s on {' and '.join(inputs)} at every concurrency "
                               f"({', '.join(map(str, levels))})",
-                    "measured": f"lowest {worst['vs_stock']:.2f}x ({worst['input']} c{worst['concurrency']}); "
-                                + ", ".join(f"{r['input'][0]}{r['concurrency']} {r['vs_stock']:.2f}x" for r in fp32),
-                    "met": worst["vs_stock"] >= 1.0, "value": worst["vs_stock"]})
+                    "measured": f"lowest {ratios[worst]:.2f}x ({worst[0]} c{worst[1]}); "
+                                + ", ".join(f"{i[0]}{c} {v:.2f}x" for (i, c), v in ratios.items())
+                                + (f" (c1: median of {rounds} rounds in turn{spread})" if light else ""),
+                    "met": ratios[worst] >= 1.0, "value": ratios[worst]})
+    if "digits" in light:
+        s = light["digits"]
+        ours, best = s["servers"], min(v["p50_ms"] for k, v in s["servers"].items() if k.startswith("stock"))
+        mine = next(v["p50_ms"] for k, v in ours.items() if k.startswith("ours"))
+        out.append({"target": "ours fp32 p50 <= best stock p50 at 1 connection (digits)",
+                    "measured": f"{s['p50_ratio']:.2f}x lower, median of {s['rounds']} rounds in turn (per round "
+                                f"{s['p50_ratio_min']:.2f}-{s['p50_ratio_max']:.2f}x; median p50 {mine:.1f} vs "
+                                f"{best:.1f} ms)",
+                    "met": s["p50_ratio"] >= 1.0, "value": s["p50_ratio"]})
+        return out
     p50 = stock_p50_at_1(served)
     for r in fp32:
         if r["concurrency"] == 1 and r["input"] == "digits" and p50:
@@ -51,8 +71,9 @@ def stock_p50_at_1(served: list[dict[str, Any]]) -> float | None:
 
 
 def acceptance(served: list[dict[str, Any]], inproc: list[dict[str, Any]], open_loop: list[dict[str, Any]],
-               startup_s: float | None, picked: str | None = None) -> list[dict[str, Any]]:
-    out = never_slower(served)
+               startup_s: float | None, picked: str | None = None, light: dict[str, dict[str, Any]] | None = None
+               ) -> list[dict[str, Any]]:
+    out = never_slower(served, light)
     ours = [r for r in served if r["server"] == "ours" and r["input"] == "digits"]
     stock_rows = [r for r in served if r["server"] == "stock" and r["input"] == "digits"]
     at16 = [r for r in ours if r["variant"] == picked and r["concurrency"] == 16 and r["vs_stock"] is not None]

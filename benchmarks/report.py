@@ -56,6 +56,28 @@ def served_table(rows: list[dict[str, Any]], input_name: str) -> list[str]:
     return out
 
 
+def light_table(light: dict[str, Any]) -> list[str]:
+    """benchmarks.light_load: each server's median over rounds at 1 connection, and ours ÷ best stock per round."""
+    if not light.get("summary"):
+        return []
+    out = ["", f"## Light load, side by side (1 connection, {light['rounds']} rounds of {light['duration_s']:g} s)",
+           "", "Every server runs at once with its one model; each round measures them in turn (the order rotates), "
+           "so each round's ratio compares points taken seconds apart. Medians over the rounds; the acceptance's "
+           "1-connection lines use them.", "",
+           "| input | server | workers × threads | median req/s | median p50 ms | errors | ours ÷ best stock req/s, "
+           "per round: min / median / max | best stock p50 ÷ ours: min / median / max |",
+           "|---|---|---|---:|---:|---:|---|---|"]
+    for name, s in light["summary"].items():
+        for label, v in s["servers"].items():
+            server, setting = label.split(" ", 1)
+            ours = server == "ours"
+            out.append(f"| {name} | {server} | {setting} | {v['rps']:.1f} | {v['p50_ms']:.1f} | {v['errors']} | "
+                       + (f"{s['rps_ratio_min']:.2f} / **{s['rps_ratio']:.2f}** / {s['rps_ratio_max']:.2f} | "
+                          f"{s['p50_ratio_min']:.2f} / **{s['p50_ratio']:.2f}** / {s['p50_ratio_max']:.2f} |"
+                          if ours else "| |"))
+    return out
+
+
 def cpu_table(result: dict[str, Any]) -> list[str]:
     """Per-process CPU time per request at each server's highest concurrency on the digits, next to what the
     same variant costs in-process (its threads x wall time per image, batch as served, decode included)."""
@@ -93,9 +115,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`",
         "",
         "Load: wrk, one thread, keep-alive, closed loop at each concurrency for "
-        f"{result['settings']['duration_s']} s. Our archives use {result['settings']['config']} "
-        f"({result['settings']['ours_config']}); stock uses TorchServe defaults (batch 1) with one worker, and in "
-        "full mode also one single-threaded worker per core; vs stock divides by the better stock row.",
+        f"{result['settings']['duration_s']} s. Stock uses TorchServe defaults (batch 1) with one worker, and in "
+        "full mode also one single-threaded worker per core; vs stock divides by the better stock row. Our "
+        "archives' configs: " + "; ".join(
+            f"{v} batch {c['batchSize']}, {c['maxBatchDelay']} ms, {c['minWorkers']} workers, {c['threads']} "
+            f"(from {c['from']})" for v, c in result["settings"]["ours_config"].items()) + ".",
         "",
         "## Acceptance",
         "",
@@ -112,6 +136,7 @@ def markdown(result: dict[str, Any]) -> str:
               "in-server ms are per-request means from TorchServe's counters over the run (in-server includes "
               "queue); handler ms is the last batch's gauge (stock: HandlerTime; ours: preprocess + inference + "
               "postprocess)."]
+    lines += light_table(result.get("light") or {})
     lines += cpu_table(result)
     lines += ["", "## In-process ceiling (handler called directly, digits)", "",
               "| variant | batch | decode+preprocess | ms/batch | images/s |", "|---|---:|---|---:|---:|"]

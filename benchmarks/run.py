@@ -11,7 +11,9 @@ Steps: inputs (held-out digit JPEGs, sklearn photos) -> in-process ceiling per v
 and without decode) -> preprocessing vs the stock PIL path -> archives (stock image_classifier on the
 fp32 TorchScript; ours via build_mar.sh for fp32 + every variant) -> startup time -> stock TorchServe
 under wrk -> ours under wrk -> open loop (locust) at 30/50/70/90% of max for stock, ours fp32 and the fastest
-variant -> benchmarks/results/report.{json,md} + PNG.
+variant -> light load: every stock setting and ours up at once, 1 connection, rounds in turn
+(benchmarks.light_load; the 1-connection acceptance lines use their medians) -> benchmarks/results/report.{json,md}
++ PNG.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from benchmarks import inputs, preprocess, report, stock
+from benchmarks import inputs, light_load, preprocess, report, stock
 from benchmarks.acceptance import acceptance, add_ratios
 from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine, versions
@@ -43,9 +45,7 @@ from benchmarks.tools import ensure_captum
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard, git_commit
 from harness.open_loop import ensure_locust
 from harness.wrk_throughput import ensure_wrk
-from training.package import PICK_KINDS, read_pick
-
-DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
+from training.package import PICK_KINDS, read_pick, serving_config
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,12 @@ class Mode:
     duration_s: float
     digits: int | None  # how many held-out digits (None: the whole test split)
     min_time: float  # seconds per in-process timing
+    light_rounds: int  # rounds of 1-connection points, stock and ours in turn (benchmarks.light_load)
+    light_s: float  # seconds per such point
 
 
-QUICK = Mode("quick", (4,), (0.5,), ("constant",), 4, 24, 0.3)
-FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0)
+QUICK = Mode("quick", (4,), (0.5,), ("constant",), 4, 24, 0.3, 1, 2)
+FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0, 5, 5)
 
 
 def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str, batch: int,
@@ -106,15 +108,40 @@ def fastest(inproc: list[dict[str, Any]], served: set[str]) -> str:
     return max(rows, key=lambda r: r["images_per_s"])["variant"] if rows else "fp32"
 
 
-def served_config(base: Path, work: Path, amp: str | None) -> tuple[Path, dict[str, Any]]:
-    """The model-config.yaml our archives get: the tuned handlers/model-config.yaml, plus AMP on GPU."""
-    cfg = yaml.safe_load(base.read_text()) or {}
+@dataclass(frozen=True)
+class Ours:
+    """One of our archives in the run, with the model-config.yaml it packs."""
+    name: str
+    variant: str
+    mar: Path
+    cfg: dict[str, Any]
+    sources: str  # where cfg came from (training.package.serving_config)
+
+    @property
+    def batch(self) -> int:
+        return int(self.cfg.get("batchSize", 1))
+
+    @property
+    def workers(self) -> int:
+        return int(self.cfg.get("minWorkers", 1))
+
+    @property
+    def threads(self) -> str:
+        return str((self.cfg.get("handler") or {}).get("threads", "lease"))
+
+
+def served_config(model_dir: Path, config: Path | None, work: Path, amp: str | None
+                  ) -> tuple[Path | None, dict[str, Any], str]:
+    """The --config build_mar.sh gets for MODEL_DIR (None: its own rule, the variant's tuned keys over
+    handlers/model-config.yaml), the config that packs, and its sources; on GPU, that config plus AMP."""
+    cfg, sources = serving_config(model_dir, config)
+    origin = " + ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p) for p in sources)
     if amp is None:
-        return base, cfg
+        return config, cfg, origin
     cfg.setdefault("handler", {})["amp"] = amp
-    path = work / "model-config.yaml"
+    path = work / f"model-config-{model_dir.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path, cfg
+    return path, cfg, f"{origin} + amp {amp}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -130,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--pick", choices=PICK_KINDS, default=None,
                     help="also serve the variant python -m training.optimize MODEL --pick chose as this kind, and "
                          "check it against stock (with no --only: fp32 and the pick only)")
-    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model-config.yaml for our archives")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="model-config.yaml for all our archives, packed as is (default: as build_mar.sh does, "
+                         "handlers/model-config.yaml with each variant's tuned-config.yaml over it)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--gpu", action="store_true", help="serve on CUDA with --amp autocast (ResNet-50 config)")
     ap.add_argument("--amp", choices=["bf16", "fp16"], default="bf16", help="GPU autocast dtype")
@@ -151,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             picked = ModelCard.read(read_pick(model, args.pick)).variant
             args.only = [*(args.only or ["fp32"]), picked]
         dirs = model_dirs(model, args.variants, args.only)
+        for d in dirs:
+            serving_config(d, args.config)  # a missing or refused config stops the run before it starts
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if not (dirs[0] / TORCHSCRIPT_FILE).is_file():
@@ -158,8 +189,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  f"found; export it: python -m training.export {model}")
     if args.gpu and not torch.cuda.is_available():
         sys.exit("error: --gpu given but CUDA is not available on this machine; run without --gpu")
-    if not args.config.is_file():
-        sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
     ensure_wrk()
     ensure_locust()
     ensure_captum()  # before the long steps, so a failed install stops the run early
@@ -173,55 +202,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append("GPU (ResNet-50 fp16/bf16 via --gpu --amp) not measured: no GPU on this machine.")
     try:
         sets = [inputs.digits(model, work / "inputs", mode.digits), inputs.photos(work / "inputs")]
-        config_path, cfg = served_config(args.config, work, args.amp if args.gpu else None)
-        batch = int(cfg.get("batchSize", 1))
+        configs = {d: served_config(d, args.config, work, args.amp if args.gpu else None) for d in dirs}
         options = {"amp": args.amp} if args.gpu else None
 
-        print(f"[1/5] in-process ceiling: {', '.join(d.name for d in dirs)}", file=sys.stderr)
+        print(f"[1/6] in-process ceiling: {', '.join(d.name for d in dirs)}", file=sys.stderr)
         bodies = sets[0].bodies()
         inproc: list[dict[str, Any]] = []
         for d in tqdm(dirs, desc="in-process", leave=False):
             inproc += measure_variant(d, bodies, mode.min_time, options=options, gpu=args.gpu,
-                                      batches=sorted({1, 8, batch}))
+                                      batches=sorted({1, 8, int(configs[d][1].get("batchSize", 1))}))
 
-        print("[2/5] preprocessing vs the stock PIL path", file=sys.stderr)
+        print("[2/6] preprocessing vs the stock PIL path", file=sys.stderr)
         pre = preprocess.compare(dirs[0], sets, mode.min_time)
 
-        print("[3/5] archives and startup time", file=sys.stderr)
+        print("[3/6] archives and startup time", file=sys.stderr)
         store = work / "store"
         stock_mar = stock.build(dirs[0], store, "stock")
-        ours: list[tuple[str, str, Path]] = []  # (model name, variant, archive)
+        ours: list[Ours] = []
         for d in dirs:
-            variant = ModelCard.read(d).variant
+            variant, (path, cfg, origin) = ModelCard.read(d).variant, configs[d]
             try:
-                ours.append((f"ours_{variant}", variant, build_ours(d, store, f"ours_{variant}", config_path, device)))
+                ours.append(Ours(f"ours_{variant}", variant, build_ours(d, store, f"ours_{variant}", path, device),
+                                 cfg, origin))
             except BuildError as e:
                 notes.append(f"variant {variant} ({d}) not served: {e}")
-        if not ours or ours[0][1] != "fp32":
+        if not ours or ours[0].variant != "fp32":
             raise RuntimeError(f"the fp32 archive could not be built: {notes[-1] if notes else 'unknown'}")
-        startup_s, startup_phases_s = startup_time(ours[0][2], work)
+        startup_s, startup_phases_s = startup_time(ours[0].mar, work)
 
         # open loop for stock, ours fp32 and the fastest (or picked) variant
-        looped = {"ours_fp32", f"ours_{picked or fastest(inproc, {variant for _, variant, _ in ours})}"}
+        looped = {"ours_fp32", f"ours_{picked or fastest(inproc, {o.variant for o in ours})}"}
         stocks = len(stock.settings(mode.name == "full"))
         runs = 2 * len(mode.levels) * (stocks + len(ours)) + len(mode.fractions) * len(mode.arrivals) * (
             stocks + len(looped))
         served: list[dict[str, Any]] = []
         open_loop: list[dict[str, Any]] = []
         with tqdm(total=runs, desc="served", leave=False) as progress:
-            print("[4/5] stock TorchServe image_classifier", file=sys.stderr)
+            print("[4/6] stock TorchServe image_classifier", file=sys.stderr)
             for workers, threads in stock.settings(mode.name == "full"):
                 with Bench(work / f"ts-stock-{workers}", store, env=stock.server_env(threads)) as bench:
                     served += measure_server(bench, "stock", "stock", stock_mar.name, "fp32", 1, sets, mode,
                                              progress, workers, threads, open_loop)
-            print("[5/5] this project's handler", file=sys.stderr)
+            print("[5/6] this project's handler", file=sys.stderr)
             with Bench(work / "ts-ours", store) as bench:
-                for name, variant, mar in ours:
-                    served += measure_server(bench, "ours", name, mar.name, variant, batch, sets, mode, progress,
-                                             int(cfg.get("minWorkers", 1)),
-                                             str((cfg.get("handler") or {}).get("threads", "lease")),
-                                             open_loop if name in looped else None)
+                for o in ours:
+                    served += measure_server(bench, "ours", o.name, o.mar.name, o.variant, o.batch, sets, mode,
+                                             progress, o.workers, o.threads, open_loop if o.name in looped else None)
             add_ratios(served, inproc)
+        print(f"[6/6] light load side by side: stock and ours at 1 connection, {mode.light_rounds} rounds in turn",
+              file=sys.stderr)
+        light = light_load.measure(work, store, stock_mar, ours[0].mar, ours[0].workers, ours[0].threads, sets,
+                                   mode.light_rounds, mode.light_s, mode.name == "full")
     finally:
         if args.keep:
             print(f"work dir kept: {work}", file=sys.stderr)
@@ -234,17 +265,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": git_commit(), "machine": machine(), "versions": versions(),
         "settings": {"levels": list(mode.levels), "fractions": list(mode.fractions), "duration_s": mode.duration_s,
-                     "config": str(args.config),
-                     "ours_config": {k: cfg.get(k) for k in ("batchSize", "maxBatchDelay", "minWorkers",
-                                                             "maxWorkers")},
+                     "ours_config": {o.variant: {"from": o.sources, **{k: o.cfg.get(k) for k in (
+                         "batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}, "threads": o.threads}
+                                     for o in ours},
                      "model": str(model), "variants": [str(d) for d in dirs]},
         "inputs": [{"name": s.name, "count": len(s.files), "description": s.description} for s in sets],
-        "inprocess": inproc, "preprocess": pre, "served": served, "open_loop": open_loop, "startup_s": startup_s,
+        "inprocess": inproc, "preprocess": pre, "served": served, "open_loop": open_loop,
+        "light": {"rounds": mode.light_rounds, "duration_s": mode.light_s, "rows": light,
+                  "summary": light_load.summary(light)},
+        "startup_s": startup_s,
         "startup_phases_s": startup_phases_s,
         "notes": notes,
     }
     result["pick"] = {"kind": args.pick, "variant": picked} if picked else None
-    result["acceptance"] = acceptance(served, inproc, open_loop, startup_s, picked)
+    result["acceptance"] = acceptance(served, inproc, open_loop, startup_s, picked, result["light"]["summary"])
     report.write(result, args.out)
     print(report.markdown(result))
     print(f"wrote {args.out / 'report.json'}, report.md, {report.PLOT} ({result['wall_s']} s)", file=sys.stderr)

@@ -4,7 +4,7 @@ curve into the model-config.yaml that build_mar.sh packs.
 
     python -m benchmarks.tune artifacts/resnet18 --p99-ms 100 [--loads 1,4,16,64] [--config handlers/model-config.yaml]
         [--batch 1,8] [--delay 1,2,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--runoff 2] [--margin 0.1]
-        [--quick] [--dry-run]
+        [--quick] [--dry-run] [--for-variant]
 
 Each setting is a real archive (build_mar.sh --config <setting>) loaded alone into a real TorchServe and
 driven by wrk with the held-out digit JPEGs at every load (closed loop, that many connections). Stock
@@ -15,7 +15,9 @@ over the target or it had errors; its score is its lowest share over the loads. 
 does best against stock wins, so a gain at 64 connections cannot buy a loss at 1 (ties: the higher sum). A 5 s
 point moves by ~10% on a shared machine, so the settings within --margin of the best score go to a run-off:
 --runoff more rounds of them, in turn, and each load's median round counts. Only batchSize, maxBatchDelay,
-minWorkers, maxWorkers and handler.threads change in the config; comments stay.
+minWorkers, maxWorkers and handler.threads change in the config; comments stay. With --for-variant they go
+into VARIANT_DIR/tuned-config.yaml instead, which build_mar.sh packs over handlers/model-config.yaml for that
+variant only (training.package.serving_config).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine
 from benchmarks.served import Bench
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
-from training.package import check_config
+from training.package import TUNED_FILE, check_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -98,6 +100,15 @@ def find_key(lines: list[str], section: str, key: str) -> int | None:
 def setting_values(s: dict[str, Any]) -> dict[str, int | str]:
     return {"batchSize": s["batch_size"], "maxBatchDelay": s["max_batch_delay"], "minWorkers": s["workers"],
             "maxWorkers": s["workers"], "handler.threads": s["threads"]}
+
+
+def tuned_text(values: dict[str, int | str], header: str) -> str:
+    """A variant's tuned-config.yaml: only the tuned keys (`section.key` nested), under a comment header."""
+    nested: dict[str, Any] = {}
+    for dotted, value in values.items():
+        section, _, key = dotted.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[key] = value
+    return "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(nested, sort_keys=False)
 
 
 def score(results: list[dict[str, Any]], p99_ms: float, reference: dict[int, float] | None = None
@@ -256,7 +267,7 @@ def stock_model(variant_dir: Path) -> Path | None:
 def markdown(report: dict[str, Any]) -> str:
     w, target = report["winner"], report["p99_bound_ms"]
     against = "stock's req/s" if report["stock"] else "the best setting's req/s within the target"
-    lines = [f"# Tuning for p99 <= {target:g} ms over {report['loads']} connections", "",
+    lines = [f"# Tuning {report['variant']} for p99 <= {target:g} ms over {report['loads']} connections", "",
              f"{report['machine']['cpu']}, {report['machine']['cpus']} CPUs. Command: `{report['command']}`", "",
              f"Winner: batchSize {w['batch_size']}, maxBatchDelay {w['max_batch_delay']} ms, {w['workers']} "
              f"worker(s), threads {w['threads']}: at its worst load {w['score']:.2f}× {against}.", "",
@@ -279,7 +290,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"worst share: the lowest, over the loads, of the setting's req/s over {against} at that load "
               f"(the tuner picks the highest).{runoff} ✗: p99 over the target, or errors. "
               "Closed loop (wrk), held-out digit JPEGs, "
-              f"{report['duration_s']:g} s per load.", "", "![tuned curve](tune.png)", ""]
+              f"{report['duration_s']:g} s per load.", "", f"![tuned curve]({report['stem']}.png)", ""]
     return "\n".join(lines)
 
 
@@ -332,8 +343,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--margin", type=float, default=0.1, help="how close to the best score a run-off takes (0.1)")
     ap.add_argument("--quick", action="store_true", help="a two-setting sweep for CI, without stock")
     ap.add_argument("--dry-run", action="store_true", help="measure and report, but leave the config alone")
+    ap.add_argument("--for-variant", action="store_true",
+                    help=f"write the choice to VARIANT_DIR/{TUNED_FILE} (packed over --config for this variant "
+                         "only) instead of editing --config")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                    help="where tune.json, tune.md and tune.png go")
+                    help="where tune.{json,md,png} go (with --for-variant: tune_VARIANT.{json,md,png})")
     args = ap.parse_args(argv)
 
     card_file = args.variant_dir / CARD_FILE
@@ -341,6 +355,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(f"error: {card_file} not found; pass a model or variant directory (e.g. artifacts/resnet18)")
     if not args.config.is_file():
         sys.exit(f"error: config {args.config} not found; start from handlers/model-config.yaml")
+    if args.for_variant and args.config.resolve() != DEFAULT_CONFIG.resolve():
+        sys.exit(f"error: --for-variant keys go over {DEFAULT_CONFIG} when build_mar.sh packs the variant; tune "
+                 f"against that file (leave out --config {args.config})")
     q = args.quick
     grid = grid_of(args.batch or [1, 8], args.delay or ([1] if q else [1, 2, 5]),
                    args.workers or ([1] if q else [1, 2]), args.threads or (["lease"] if q else list(THREAD_POLICIES)))
@@ -369,7 +386,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     settings = score(rows, args.p99_ms, reference)
     best = pick(settings)
-    report = {"variant_dir": str(args.variant_dir), "variant": ModelCard.read(args.variant_dir).variant,
+    variant = ModelCard.read(args.variant_dir).variant
+    stem = f"tune_{variant}" if args.for_variant else "tune"
+    report = {"variant_dir": str(args.variant_dir), "variant": variant, "stem": stem,
               "config": str(args.config), "p99_bound_ms": args.p99_ms, "loads": loads, "duration_s": duration,
               "margin": args.margin,
               "machine": machine(), "command": "python -m benchmarks.tune " + " ".join(
@@ -377,27 +396,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "results": rows, "settings": settings, "stock": stock_rows, "winner": best, "changed": False}
     args.out.mkdir(parents=True, exist_ok=True)
     if best is None:
-        (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
         lowest = min(rows, key=lambda r: r["p99_ms"])
         sys.exit(f"error: no setting kept p99 under {args.p99_ms:g} ms with zero errors at any load (lowest p99 "
                  f"{lowest['p99_ms']:.1f} ms at {lowest['concurrency']} connections); raise --p99-ms")
     print("\n" + markdown(report))
-    old = args.config.read_text()
-    new = set_keys(old, setting_values(best))
-    diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(args.config),
-                                        str(args.config)))
+    target = args.variant_dir / TUNED_FILE if args.for_variant else args.config
+    old = target.read_text() if target.is_file() else ""
+    header = (f"benchmarks.tune's choice for this variant on {report['machine']['cpu']}:\n{report['command']}\n"
+              "build_mar.sh packs it over handlers/model-config.yaml.")
+    new = tuned_text(setting_values(best), header) if args.for_variant else set_keys(old, setting_values(best))
+    diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(target), str(target)))
     if args.dry_run:
-        print(f"--dry-run: {args.config} left unchanged; the change would be:\n{diff or '(none)'}")
+        print(f"--dry-run: {target} left unchanged; the change would be:\n{diff or '(none)'}")
     elif new == old:
-        print(f"{args.config} already holds these values; nothing changed")
+        print(f"{target} already holds these values; nothing changed")
     else:
-        args.config.write_text(new)
+        target.write_text(new)
         report["changed"] = True
-        print(f"updated {args.config}; rebuild the archive with build_mar.sh to use it:\n{diff}")
+        print(f"updated {target}; rebuild the archive with build_mar.sh to use it:\n{diff}")
+    report["written_to"] = str(target)
     report["diff"] = diff
-    (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "tune.md").write_text(markdown(report))
-    plot(report, args.out / "tune.png")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    plot(report, args.out / f"{stem}.png")
     return report
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import run, tune
-from benchmarks.tune import pick, score, set_keys
+from benchmarks import light_load, run, tune
+from benchmarks.acceptance import never_slower
+from benchmarks.tune import pick, score, set_keys, setting_values
 from tests.conftest import ROOT
+from training.package import TUNED_FILE, serving_config
 
 TUNED_KEYS = {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "  threads"}
 
@@ -97,11 +99,48 @@ def test_a_runoff_takes_the_close_settings_and_counts_each_loads_median_round() 
     assert {s["setting"]: s["score"] for s in score(failed, p99_ms=100)}[1] == 0.0
 
 
+def test_the_tuners_file_for_a_variant_holds_its_keys_and_the_build_reads_them_over_the_shared_config(
+        tmp_path: Path) -> None:
+    values = setting_values({"batch_size": 4, "max_batch_delay": 3, "workers": 1, "threads": "auto"})
+    text = tune.tuned_text(values, "chosen here\nby this command")
+    assert text.startswith("# chosen here\n# by this command\n")
+    (tmp_path / TUNED_FILE).write_text(text)
+    cfg, sources = serving_config(tmp_path)
+    assert sources == [ROOT / "handlers" / "model-config.yaml", tmp_path / TUNED_FILE]
+    assert (cfg["batchSize"], cfg["maxBatchDelay"], cfg["minWorkers"], cfg["maxWorkers"], cfg["handler"]["threads"]
+            ) == (4, 3, 1, 1, "auto")
+    assert serving_config(tmp_path, ROOT / "handlers" / "model-config.yaml")[1] == [
+        ROOT / "handlers" / "model-config.yaml"]  # an explicit config is taken as is
+
+
 def test_the_grid_drops_settings_that_are_the_same() -> None:
     grid = tune.grid_of([1, 8], [1, 2, 5], [1, 2], ["lease", "auto"])
     assert len(grid) == len({tuple(g.values()) for g in grid}) == 12
     assert {g["max_batch_delay"] for g in grid if g["batch_size"] == 1} == {1}
     assert not [g for g in grid if g["threads"] == "auto" and g["workers"] == 1]
+
+
+def light(rnd: int, server: str, workers: int, rps: float, p50: float, name: str = "digits") -> dict:
+    return {"round": rnd, "input": name, "server": server, "workers": workers, "threads": "1", "rps": rps,
+            "p50_ms": p50, "errors": 0}
+
+
+def test_light_load_compares_each_round_with_its_best_stock_and_keeps_the_median_round() -> None:
+    rows = [light(0, "stock", 1, 30, 33), light(0, "stock", 2, 20, 49), light(0, "ours", 2, 33, 30),
+            # a slow round for everyone: its ratio still compares points taken together
+            light(1, "stock", 1, 15, 66), light(1, "stock", 2, 10, 98), light(1, "ours", 2, 18, 55),
+            light(2, "stock", 1, 30, 33), light(2, "stock", 2, 31, 32), light(2, "ours", 2, 29.45, 34)]
+    s = light_load.summary(rows)["digits"]
+    assert s["rounds"] == 3 and s["rps_ratio"] == pytest.approx(1.1)  # rounds: 1.1, 1.2, 0.95
+    assert (s["rps_ratio_min"], s["rps_ratio_max"]) == (pytest.approx(0.95), pytest.approx(1.2))
+    assert s["p50_ratio"] == pytest.approx(1.1) and s["servers"]["stock 1 × 1"]["rps"] == 30
+    served = [{"server": "ours", "variant": "fp32", "input": "digits", "concurrency": c, "vs_stock": v,
+               "p50_ms": 40.0} for c, v in ((1, 0.9), (4, 1.2))]
+    lines = never_slower(served, {"digits": s})
+    assert lines[0]["met"] and lines[0]["value"] == pytest.approx(1.1) and "median of 3 rounds" in lines[0]["measured"]
+    assert lines[1]["met"] and lines[1]["value"] == pytest.approx(1.1)
+    # without the rounds the single 1-connection point decides
+    assert not never_slower(served)[0]["met"]
 
 
 @pytest.mark.server
@@ -123,6 +162,12 @@ def test_quick_mode_runs_end_to_end_with_zero_errors(tiny_model: Path, tmp_path:
     for r in looped:
         assert r["errors"] == 0 and r["requests"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
         assert r["server_metrics"]["requests"] >= r["requests"], r  # TorchServe saw what locust counted
+    rounds = result["light"]["rows"]  # stock and ours at 1 connection, in turn
+    assert {(r["server"], r["input"], r["concurrency"]) for r in rounds} == {
+        (server, name, 1) for server in ("stock", "ours") for name in ("digits", "photos")}
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in rounds)
+    assert set(result["light"]["summary"]) == {"digits", "photos"}
+    assert "c1: median of 1 rounds in turn" in result["acceptance"][0]["measured"]
     phases = list(result["startup_phases_s"].values())
     assert phases == sorted(phases) and phases[-1] == round(result["startup_s"], 2)  # start-up phases in order
     assert {(r["batch"], r["decode"]) for r in result["inprocess"]} == {(1, True), (1, False), (8, True), (8, False)}

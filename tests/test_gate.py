@@ -16,7 +16,7 @@ from handlers.contract import ModelCard
 from harness.context import unpack_mar
 from tests.conftest import ROOT, build_mar
 from training import gate
-from training.package import read_manifest
+from training.package import TUNED_FILE, read_manifest
 from training.technique import build, variant_dir
 from training.variants.int8 import INT8
 from training.variants.sparse import SPARSE
@@ -102,3 +102,29 @@ def test_int8_cannot_be_forced_onto_gpu(int8: Path, tmp_path: Path) -> None:
     result = build_mar(int8, tmp_path / "store", "--device", "gpu", check=False)
     assert result.returncode != 0
     assert "CPU-only" in result.stderr and "--device cpu" in result.stderr
+
+
+def test_a_variants_tuned_keys_pack_over_the_shared_config_and_an_explicit_config_packs_as_is(
+        int8: Path, tmp_path: Path) -> None:
+    store, tuned = tmp_path / "store", int8 / TUNED_FILE
+    shared = yaml.safe_load((ROOT / "handlers" / "model-config.yaml").read_text())
+
+    def packed(name: str) -> dict:
+        return yaml.safe_load((unpack_mar(store / f"{name}.mar", tmp_path / name) / "model-config.yaml").read_text())
+
+    tuned.write_text("batchSize: 4\nmaxBatchDelay: 7\nhandler:\n  threads: auto\n")
+    try:
+        assert (shared["batchSize"], shared["maxBatchDelay"], shared["handler"]["threads"]) != (4, 7, "auto")
+        assert str(tuned) in build_mar(int8, store, "--name", "tuned").stdout  # the build names its sources
+        cfg = packed("tuned")
+        assert (cfg["batchSize"], cfg["maxBatchDelay"], cfg["handler"]["threads"]) == (4, 7, "auto")
+        assert cfg["handler"]["topk"] == shared["handler"]["topk"] and cfg["responseTimeout"] == shared[
+            "responseTimeout"]  # everything else still comes from the shared file
+        build_mar(int8, store, "--name", "plain", "--config", str(ROOT / "handlers" / "model-config.yaml"))
+        assert packed("plain")["batchSize"] == shared["batchSize"]
+        tuned.write_text("batchSize: 4\nresponseTimeout: 5\n")  # not a tuned key
+        result = build_mar(int8, store, "--name", "refused", check=False)
+        assert result.returncode != 0 and not (store / "refused.mar").exists()
+        assert "responseTimeout" in result.stderr and "--for-variant" in result.stderr
+    finally:
+        tuned.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """What build_mar.sh needs from Python: stage an archive's inputs, and record its checksum in the store's manifest.
 
     python -m training.package stage MODEL_DIR STAGE_DIR [--config yaml] [--device auto|cpu|gpu]
+    python -m training.package config MODEL_DIR      # the model-config.yaml a build of MODEL_DIR would pack
     python -m training.package record model_store/digits.mar MODEL_DIR
 """
 
@@ -21,6 +22,10 @@ from handlers.contract import MANIFEST_FILE, Explainer, ModelCard, sha256
 from training import golden
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
+TUNED_FILE = "tuned-config.yaml"  # in a model or variant directory: benchmarks.tune --for-variant's choice for it
+TUNED_KEYS = {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "handler"}
+TUNED_HANDLER_KEYS = {"threads"}
 
 
 def read_manifest(store: Path) -> dict[str, dict[str, Any]]:
@@ -97,17 +102,38 @@ def check_config(cfg: dict, path: Path) -> None:
                          "that take what is queued and barely wait")
 
 
-def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | None,
+def serving_config(model_dir: Path, config: Path | None = None) -> tuple[dict[str, Any], list[Path]]:
+    """The model-config a build of MODEL_DIR packs, and the files it came from: CONFIG alone when given; otherwise
+    handlers/model-config.yaml with MODEL_DIR's tuned-config.yaml (the tuner's choice for this variant) over it."""
+    base = config or DEFAULT_CONFIG
+    if not base.is_file():
+        raise FileNotFoundError(f"model config {base} not found; start from handlers/model-config.yaml")
+    cfg = yaml.safe_load(base.read_text()) or {}
+    sources = [base]
+    tuned = Path(model_dir) / TUNED_FILE
+    if config is None and tuned.is_file():
+        over = yaml.safe_load(tuned.read_text()) or {}
+        handler = over.get("handler") or {}
+        unknown = sorted(set(over) - TUNED_KEYS) + sorted(f"handler.{k}" for k in set(handler) - TUNED_HANDLER_KEYS)
+        if not isinstance(handler, dict) or unknown:
+            raise ValueError(f"{tuned} may set only {', '.join(sorted(TUNED_KEYS - {'handler'}))} and handler.threads "
+                             f"(got {', '.join(unknown) or 'handler: ' + repr(handler)}); everything else belongs in "
+                             f"{base}. Rewrite it with python -m benchmarks.tune {model_dir} --for-variant")
+        cfg |= {k: v for k, v in over.items() if k != "handler"}
+        cfg["handler"] = {**(cfg.get("handler") or {}), **handler}
+        sources.append(tuned)
+    check_config(cfg, sources[-1])
+    return cfg, sources
+
+
+def stage(model_dir: Path, out: Path, config: Path | None, device: str, version: str | None,
           explain: bool = False) -> dict[str, str]:
     """Write OUT/model-config.yaml and OUT/extra/{metadata.json, handlers/}; return archive facts."""
     card = ModelCard.read(model_dir)
     artifact = model_dir / card.artifact
     if not artifact.is_file():
         raise FileNotFoundError(f"{artifact} not found; make it with: python -m training.export {model_dir}")
-    if not config.is_file():
-        raise FileNotFoundError(f"model config {config} not found; start from handlers/model-config.yaml")
-    cfg = yaml.safe_load(config.read_text()) or {}
-    check_config(cfg, config)
+    cfg, sources = serving_config(model_dir, config)
     missing = [name for name in card.files[1:] if not (model_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir / missing[0]} ({card.runtime} reads it beside {card.artifact}) not "
@@ -145,7 +171,8 @@ def stage(model_dir: Path, out: Path, config: Path, device: str, version: str | 
     if card.data is not None:  # image models trained here: held-out images + build-time accuracy, for the canary
         golden.write(model_dir, extra)
     (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return {"name": card.name, "version": card.version, "artifact": str(artifact), "device": cfg["deviceType"]}
+    return {"name": card.name, "version": card.version, "artifact": str(artifact), "device": cfg["deviceType"],
+            "config": " + ".join(map(str, sources))}
 
 
 def record(mar: Path, model_dir: Path) -> dict[str, object]:
@@ -173,13 +200,18 @@ def main() -> None:
     s = sub.add_parser("stage")
     s.add_argument("model_dir", type=Path)
     s.add_argument("out", type=Path)
-    s.add_argument("--config", type=Path, default=ROOT / "handlers" / "model-config.yaml")
+    s.add_argument("--config", type=Path, default=None,
+                   help="pack this file as is (default: handlers/model-config.yaml, with MODEL_DIR/tuned-config.yaml "
+                        "over it when present)")
     s.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     s.add_argument("--version", default=None)
     s.add_argument("--explain", action="store_true", help="pack the fp32 parent's weights for /explanations")
     k = sub.add_parser("pick", help="print the variant directory picked as KIND by training.optimize --pick")
     k.add_argument("parent_dir", type=Path)
     k.add_argument("kind", choices=PICK_KINDS)
+    c = sub.add_parser("config", help="print the model-config.yaml a build of MODEL_DIR packs, and its sources")
+    c.add_argument("model_dir", type=Path)
+    c.add_argument("--config", type=Path, default=None)
     r = sub.add_parser("record")
     r.add_argument("mar", type=Path)
     r.add_argument("model_dir", type=Path)
@@ -187,6 +219,9 @@ def main() -> None:
     try:
         if args.cmd == "pick":
             print(read_pick(args.parent_dir, args.kind))
+        elif args.cmd == "config":
+            cfg, sources = serving_config(args.model_dir, args.config)
+            print(f"# from {' + '.join(map(str, sources))}\n{yaml.safe_dump(cfg, sort_keys=False)}", end="")
         elif args.cmd == "stage":
             facts = stage(args.model_dir, args.out, args.config, args.device, args.version, args.explain)
             print("\n".join(f"{k}={v}" for k, v in facts.items()))
