@@ -4,7 +4,7 @@ curve into the model-config.yaml that build_mar.sh packs.
 
     python -m benchmarks.tune artifacts/resnet18 --p99-ms 100 [--loads 1,4,16,64] [--config handlers/model-config.yaml]
         [--batch 1,8] [--delay 1,2,5] [--workers 1,2] [--threads lease,auto] [-d 5] [--runoff 2] [--margin 0.1]
-        [--quick] [--dry-run] [--for-variant]
+        [--tail-share 0.7] [--max-tail 2] [--quick] [--dry-run] [--for-variant]
 
 Each setting is a real archive (build_mar.sh --config <setting>) loaded alone into a real TorchServe and
 driven by wrk with the held-out digit JPEGs at every load (closed loop, that many connections). Stock
@@ -14,7 +14,10 @@ share is its req/s over stock's there (over the best setting's when stock is not
 over the target or it had errors; its score is its lowest share over the loads. The setting whose worst load
 does best against stock wins, so a gain at 64 connections cannot buy a loss at 1 (ties: the higher sum). A 5 s
 point moves by ~10% on a shared machine, so the settings within --margin of the best score go to a run-off:
---runoff more rounds of them, in turn, and each load's median round counts. Only batchSize, maxBatchDelay,
+--runoff more rounds of them, in turn, and each load's median round counts. A closed loop hides queueing, so
+the best settings then face an open loop too: constant arrivals at --tail-share (70%) of the setting's own best
+req/s, best score first, until one keeps p99 <= --max-tail (2) x p50; the ones that do not are out. Only
+batchSize, maxBatchDelay,
 minWorkers, maxWorkers and handler.threads change in the config; comments stay. With --for-variant they go
 into VARIANT_DIR/tuned-config.yaml instead, which build_mar.sh packs over handlers/model-config.yaml for that
 variant only (training.package.serving_config).
@@ -42,6 +45,7 @@ from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine
 from benchmarks.served import Bench
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
+from harness.open_loop import ensure_locust
 from training.package import TUNED_FILE, check_config
 
 matplotlib.use("Agg")
@@ -158,11 +162,45 @@ def contenders(settings: list[dict[str, Any]], margin: float) -> list[int]:
     return [s["setting"] for s in settings if top > 0 and s["score"] >= top * (1 - margin)]
 
 
+def ranked(settings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The settings that met the target at every load some setting met it at, best first: the highest score
+    (worst-load share), ties to the higher total, and none whose open-loop tail failed."""
+    ok = [s for s in settings if s["score"] > 0 and (s.get("tail") or {}).get("ok", True)]
+    return sorted(ok, key=lambda s: (s["score"], s["total"]), reverse=True)
+
+
 def pick(settings: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The highest score (worst-load share); ties go to the higher total. None when no setting met the target at
-    every load that some setting met it at."""
-    ok = [s for s in settings if s["score"] > 0]
-    return max(ok, key=lambda s: (s["score"], s["total"])) if ok else None
+    """The best of `ranked`, or None."""
+    best = ranked(settings)
+    return best[0] if best else None
+
+
+def tail_check(bench: Bench, grid: list[dict[str, Any]], archives: list[Path], settings: list[dict[str, Any]],
+               digits: inputs.InputSet, share: float, bound: float, duration: float) -> dict[int, dict[str, Any]]:
+    """Open loop, best setting first, until one passes: constant arrivals at `share` of the setting's best
+    closed-loop req/s; it passes when p99 <= `bound` x p50 with no errors. Returns {setting: tail}."""
+    tails: dict[int, dict[str, Any]] = {}
+    body = digits.files[0].read_bytes()
+    for s in ranked(settings):
+        i, name = s["setting"], f"t{s['setting']}"
+        rate = share * max(c["rps"] for c in s["curve"])
+        bench.register(name, archives[i].name)
+        try:
+            bench.warm(name, body)
+            result, server = bench.measure_open(name, digits.list_file, rate, duration)
+        finally:
+            bench.unregister(name)
+        ratio = result.p99_ms / result.p50_ms if result.p50_ms else float("inf")
+        tails[i] = {"share": share, "rate": round(rate, 1), "achieved_rps": result.achieved_rps,
+                    "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "p99_over_p50": round(ratio, 3),
+                    "errors": result.errors, "mean_batch": server.get("mean_batch"),
+                    "ok": ratio <= bound and result.errors == 0}
+        print(f"open loop at {share:.0%} of max ({rate:.0f} req/s): b{grid[i]['batch_size']} "
+              f"d{grid[i]['max_batch_delay']} w{grid[i]['workers']} {grid[i]['threads']}: p50 {result.p50_ms:.1f}, "
+              f"p99 {result.p99_ms:.1f} ms (x{ratio:.2f}) {'kept' if tails[i]['ok'] else 'out'}", file=sys.stderr)
+        if tails[i]["ok"]:
+            break
+    return tails
 
 
 def build_archives(variant_dir: Path, base_config: Path, grid: list[dict[str, Any]], work: Path,
@@ -272,15 +310,17 @@ def markdown(report: dict[str, Any]) -> str:
              f"Winner: batchSize {w['batch_size']}, maxBatchDelay {w['max_batch_delay']} ms, {w['workers']} "
              f"worker(s), threads {w['threads']}: at its worst load {w['score']:.2f}× {against}.", "",
              "| batch | delay ms | workers | threads | worst share | " + " | ".join(
-                 f"c{c} req/s (p99 ms)" for c in report["loads"]) + " |",
-             "|---:|---:|---:|---|---:|" + "---:|" * len(report["loads"])]
+                 f"c{c} req/s (p99 ms)" for c in report["loads"]) + " | open loop p99/p50 |",
+             "|---:|---:|---:|---|---:|" + "---:|" * len(report["loads"]) + "---:|"]
     for s in sorted(report["settings"], key=lambda s: (-s["score"], -s["total"])):
         cells = [f"{c['rps']:.1f} ({c['p99_ms']:.0f}){'' if c['meets'] else ' ✗'}" for c in s["curve"]]
+        tail = s.get("tail")
+        cells.append("-" if not tail else f"{tail['p99_over_p50']:.2f}{'' if tail['ok'] else ' ✗'}")
         lines.append(f"| {s['batch_size']} | {s['max_batch_delay']} | {s['workers']} | {s['threads']} | "
                      f"{s['score']:.2f} | " + " | ".join(cells) + " |")
     if report["stock"]:
         cells = [f"{c['rps']:.1f} ({c['p99_ms']:.0f})" for c in report["stock"]]
-        lines.append("| stock | 1 | best of 1 and cores | default / 1 | - | " + " | ".join(cells) + " |")
+        lines.append("| stock | 1 | best of 1 and cores | default / 1 | - | " + " | ".join(cells) + " | - |")
         ratios = [f"c{c['concurrency']} {c['rps'] / s['rps']:.2f}x" for c, s in zip(w["curve"], report["stock"],
                                                                                       strict=True)]
         lines += ["", "Winner ÷ stock req/s: " + ", ".join(ratios) + "."]
@@ -289,8 +329,11 @@ def markdown(report: dict[str, Any]) -> str:
               f"{rounds} rounds, in turn; each load shows its median round." if rounds > 1 else "")
     lines += ["", f"worst share: the lowest, over the loads, of the setting's req/s over {against} at that load "
               f"(the tuner picks the highest).{runoff} ✗: p99 over the target, or errors. "
-              "Closed loop (wrk), held-out digit JPEGs, "
-              f"{report['duration_s']:g} s per load.", "", f"![tuned curve]({report['stem']}.png)", ""]
+              + (f"Open loop: constant arrivals at {report['tail_share']:.0%} of the setting's best req/s for "
+                 f"{2 * report['duration_s']:g} s, best score first until one keeps p99/p50 <= "
+                 f"{report['max_tail']:g} (✗: out; -: not reached). " if report["tail_share"] else "")
+              + f"Closed loop (wrk), held-out digit JPEGs, {report['duration_s']:g} s per load.", "",
+              f"![tuned curve]({report['stem']}.png)", ""]
     return "\n".join(lines)
 
 
@@ -341,6 +384,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="rounds that measure again the settings within --margin of the best score; each load's "
                          "median round counts (default 2; quick 0)")
     ap.add_argument("--margin", type=float, default=0.1, help="how close to the best score a run-off takes (0.1)")
+    ap.add_argument("--tail-share", type=float, default=0.7,
+                    help="open-loop check: constant arrivals at this share of a setting's best req/s (0: no check)")
+    ap.add_argument("--max-tail", type=float, default=2.0, help="open-loop check: the largest p99/p50 kept (2)")
     ap.add_argument("--quick", action="store_true", help="a two-setting sweep for CI, without stock")
     ap.add_argument("--dry-run", action="store_true", help="measure and report, but leave the config alone")
     ap.add_argument("--for-variant", action="store_true",
@@ -364,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loads = args.loads or ([1, 8] if q else [1, 4, 16, 64])
     duration = args.duration or (2 if q else 5)
     parent = None if q else stock_model(args.variant_dir)
+    if args.tail_share > 0:
+        ensure_locust()  # before the long steps, so a failed install stops the run early
     work = Path(tempfile.mkdtemp(prefix="tune-"))
     try:
         digits = inputs.digits(args.variant_dir, work / "inputs", limit=32 if q else None)
@@ -377,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if len(close) < 2:
                     break
                 rows += sweep(bench, grid, archives, close, loads, duration, digits, r)
+            tails = tail_check(bench, grid, archives, score(rows, args.p99_ms, reference), digits, args.tail_share,
+                               args.max_tail, 2 * duration) if args.tail_share > 0 else {}
     except BuildError as e:
         sys.exit(f"error: could not build the variant's archive: {e}")
     except ValueError as e:  # a card that names no digits split, a config without a handler section
@@ -385,18 +435,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
     settings = score(rows, args.p99_ms, reference)
+    for s in settings:
+        s["tail"] = tails.get(s["setting"])
     best = pick(settings)
     variant = ModelCard.read(args.variant_dir).variant
     stem = f"tune_{variant}" if args.for_variant else "tune"
     report = {"variant_dir": str(args.variant_dir), "variant": variant, "stem": stem,
               "config": str(args.config), "p99_bound_ms": args.p99_ms, "loads": loads, "duration_s": duration,
-              "margin": args.margin,
+              "margin": args.margin, "tail_share": args.tail_share, "max_tail": args.max_tail,
               "machine": machine(), "command": "python -m benchmarks.tune " + " ".join(
                   argv if argv is not None else sys.argv[1:]),
               "results": rows, "settings": settings, "stock": stock_rows, "winner": best, "changed": False}
     args.out.mkdir(parents=True, exist_ok=True)
     if best is None:
         (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        if tails:
+            low = min(tails.values(), key=lambda t: t["p99_over_p50"])
+            sys.exit(f"error: every setting within the {args.p99_ms:g} ms target failed the open-loop check at "
+                     f"{args.tail_share:.0%} of its max (p99/p50 over {args.max_tail:g}; lowest "
+                     f"{low['p99_over_p50']:.2f}); raise --max-tail, or --p99-ms so that more settings qualify")
         lowest = min(rows, key=lambda r: r["p99_ms"])
         sys.exit(f"error: no setting kept p99 under {args.p99_ms:g} ms with zero errors at any load (lowest p99 "
                  f"{lowest['p99_ms']:.1f} ms at {lowest['concurrency']} connections); raise --p99-ms")

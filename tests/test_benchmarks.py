@@ -113,6 +113,18 @@ def test_the_tuners_file_for_a_variant_holds_its_keys_and_the_build_reads_them_o
         ROOT / "handlers" / "model-config.yaml"]  # an explicit config is taken as is
 
 
+def test_a_setting_whose_open_loop_tail_failed_is_out_and_the_next_best_wins() -> None:
+    settings = {s["setting"]: s for s in score([row(0, 1, 20, 50), row(1, 1, 19, 50), row(2, 1, 10, 50)],
+                                               p99_ms=100)}
+    assert [s["setting"] for s in tune.ranked(list(settings.values()))] == [0, 1, 2]
+    settings[0]["tail"], settings[1]["tail"] = {"ok": False}, {"ok": True}  # 2 was never reached: not checked
+    assert [s["setting"] for s in tune.ranked(list(settings.values()))] == [1, 2]
+    assert pick(list(settings.values()))["setting"] == 1
+    for s in settings.values():
+        s["tail"] = {"ok": False}
+    assert pick(list(settings.values())) is None
+
+
 def test_the_grid_drops_settings_that_are_the_same() -> None:
     grid = tune.grid_of([1, 8], [1, 2, 5], [1, 2], ["lease", "auto"])
     assert len(grid) == len({tuple(g.values()) for g in grid}) == 12
@@ -186,11 +198,14 @@ def test_tuner_writes_the_winner_into_the_config(tiny_model: Path, tmp_path: Pat
     config.write_text(set_keys(config.read_text(), {"batchSize": 2, "maxBatchDelay": 50}))
     before = config.read_text()
     report = tune.main([str(tiny_model), "--config", str(config), "--quick", "--p99-ms", "100000",
-                        "--out", str(tmp_path / "out")])
+                        "--max-tail", "1000", "--out", str(tmp_path / "out")])
     assert len(report["settings"]) == 2 and len(report["results"]) == 4  # batch 1 and 8, each at 1 and 8 connections
     assert all(r["errors"] == 0 and r["requests"] > 0 for r in report["results"])
     winner = report["winner"]
     assert winner["score"] == max(s["score"] for s in report["settings"]) > 0
+    tail = winner["tail"]  # the best setting faced the open loop first, and passed the (loose) bound
+    assert tail["ok"] and tail["errors"] == 0 and 0 < tail["p50_ms"] <= tail["p99_ms"], tail
+    assert tail["rate"] == round(0.7 * max(c["rps"] for c in winner["curve"]), 1)
     cfg = yaml.safe_load(config.read_text())
     tuned = (cfg["batchSize"], cfg["maxBatchDelay"], cfg["minWorkers"], cfg["maxWorkers"], cfg["handler"]["threads"])
     assert tuned == (winner["batch_size"], winner["max_batch_delay"], winner["workers"], winner["workers"],

@@ -18,6 +18,7 @@ from torchvision.io import encode_jpeg, encode_png
 
 from handlers.contract import CARD_FILE, EXPORTED_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, ModelCard
 from handlers.cores import OPENMP_ENV
+from handlers.deprecations import known_deprecations
 from handlers.image_classifier import ImageClassifier
 from handlers.imaging import Normalizer, decode_image, resize_batch
 from handlers.loading import build_model, load_state_dict
@@ -51,6 +52,17 @@ def offline_labels(eager: torch.nn.Module, card: ModelCard, blobs: list[bytes]) 
     batch = Normalizer(card.input.mean, card.input.std)(images)
     with torch.inference_mode():
         return [card.labels[i] for i in eager(batch).argmax(1).tolist()]
+
+
+def test_fp32_torchscript_is_served_through_onednn_with_the_exported_logits(handler, tiny_model: Path,
+                                                                          tiny_card: ModelCard) -> None:
+    h, _ = handler
+    assert "prim::mkldnn_convolution" in str(h.model.graph)  # optimize_for_inference ran at load
+    x = torch.randn(3, 3, tiny_card.input.image_size, tiny_card.input.image_size)
+    with known_deprecations():
+        exported = torch.jit.load(str(tiny_model / TORCHSCRIPT_FILE)).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(h.model(x), exported(x), rtol=1e-4, atol=1e-4)
 
 
 def test_threads_per_worker(handler, model_dir: Path) -> None:

@@ -185,7 +185,8 @@ def test_build_mar_packs_the_artifact_and_its_companions(runtimes: Runtimes, var
     name = runtimes.archive(variant)
     mar = runtimes.store / f"{name}.mar"
     device = "cpu" if cpu_only else "gpu"  # auto: gpu, which TorchServe serves on CPU where there is none
-    assert f"built {mar} (model {name}, version 1.0, deviceType {device})" in runtimes.built[variant].stdout
+    assert (f"built {mar} (model {name}, version 1.0, deviceType {device}, config {runtimes.config})"
+            in runtimes.built[variant].stdout)
     assert json.loads((runtimes.store / "manifest.json").read_text())[mar.name]["variant"] == variant
     with zipfile.ZipFile(mar) as z:
         packed = set(z.namelist())

@@ -1,0 +1,77 @@
+"""What `torch.jit.optimize_for_inference` (the TorchScript runtime's fp32 CPU path) buys over the frozen module
+as exported, side by side: interleaved rounds of calls on both, at each batch size, on every core.
+
+    python -m benchmarks.jit_optimize artifacts/resnet18 [--variant pruned] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.archives import ROOT
+from handlers import machine
+from handlers.contract import ModelCard
+from handlers.deprecations import known_deprecations
+from handlers.runtimes import load_model
+from training.stats import percentile
+
+
+@torch.inference_mode()
+def side_by_side(models: dict[str, Any], x: torch.Tensor, rounds: int, calls: int) -> dict[str, float]:
+    """Median ms per call of each model, their calls interleaved round by round."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            model(x)
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - t0)
+    return {f"{name}_ms": round(percentile(t, 50) * 1000, 3) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--variant", default=None, help="a variant under MODEL_DIR/variants (default: the fp32 model)")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "jit_optimize.json")
+    args = ap.parse_args(argv)
+    directory = args.model_dir / "variants" / args.variant if args.variant else args.model_dir
+    card = ModelCard.read(directory)
+    if card.runtime != "torchscript" or card.precision != "fp32":
+        ap.exit(2, f"error: {directory} is {card.runtime} {card.precision}; the TorchScript runtime optimizes fp32 "
+                "TorchScript only\n")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    with known_deprecations():
+        models = {"as_exported": torch.jit.load(str(directory / card.artifact)).eval(),
+                  "served": load_model(directory, card, "cpu")}
+    rows = []
+    for b in (int(v) for v in args.batches.split(",")):
+        x = torch.randn(b, 3, card.input.image_size, card.input.image_size).contiguous(
+            memory_format=torch.channels_last)
+        with torch.inference_mode():
+            diff = (models["served"](x) - models["as_exported"](x)).abs().max().item()
+        row = {"batch": b, **side_by_side(models, x, args.rounds, 8 if b == 1 else 3), "max_abs_logit_diff": diff}
+        row["served_over_exported"] = round(row["served_ms"] / row["as_exported_ms"], 3)
+        rows.append(row)
+        print(json.dumps(row))
+    report = {"variant": card.variant, "cpu": machine.cpu_model(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "rows": rows,
+              "command": f"python -m benchmarks.jit_optimize {args.model_dir}"
+                         + (f" --variant {args.variant}" if args.variant else "")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
