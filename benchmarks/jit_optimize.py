@@ -6,18 +6,15 @@ as exported, side by side: interleaved rounds of calls on both, at each batch si
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.archives import ROOT
+from benchmarks.thread_switch import read_variant, variant_parser
 from handlers import machine
-from handlers.contract import ModelCard
 from handlers.deprecations import known_deprecations
 from handlers.runtimes import load_model
 from training.stats import percentile
@@ -38,15 +35,10 @@ def side_by_side(models: dict[str, Any], x: torch.Tensor, rounds: int, calls: in
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--variant", default=None, help="a variant under MODEL_DIR/variants (default: the fp32 model)")
+    ap = variant_parser(__doc__, "jit_optimize.json", rounds=7)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "jit_optimize.json")
     args = ap.parse_args(argv)
-    directory = args.model_dir / "variants" / args.variant if args.variant else args.model_dir
-    card = ModelCard.read(directory)
+    directory, card = read_variant(args.model_dir, args.variant)
     if card.runtime != "torchscript" or card.precision != "fp32":
         ap.exit(2, f"error: {directory} is {card.runtime} {card.precision}; the TorchScript runtime optimizes fp32 "
                 "TorchScript only\n")

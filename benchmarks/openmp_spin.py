@@ -11,7 +11,6 @@ A worker's call is timed inside the worker, from the lease to the answer; betwee
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -23,9 +22,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.archives import ROOT
 from benchmarks.stock import LIBGOMP_DEFAULT
-from benchmarks.thread_switch import elastic_variant
+from benchmarks.thread_switch import elastic_variant, variant_parser
 from handlers import machine
 from handlers.contract import ModelCard
 from handlers.cores import OPENMP_ENV, CorePool
@@ -89,13 +87,9 @@ def take_turns(workers: int, env: dict[str, str], directory: Path, calls: int, g
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--variant", default=None, help="a variant under MODEL_DIR/variants (default: the fp32 model)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = variant_parser(__doc__, "openmp_spin.json", rounds=3)
     ap.add_argument("--calls", type=int, default=60, help="calls per setting and round (the first 5 are dropped)")
     ap.add_argument("--gap-ms", type=float, default=1.5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "openmp_spin.json")
     args = ap.parse_args(argv)
     directory, card = elastic_variant(ap, args.model_dir, args.variant)
     settings = {"one worker": (1, LIBGOMP_DEFAULT), "two workers, libgomp default": (2, LIBGOMP_DEFAULT),

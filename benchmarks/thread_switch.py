@@ -68,10 +68,25 @@ def switching(model: Any, x: torch.Tensor, cores: int, rounds: int, calls: int) 
     return out
 
 
+def variant_parser(doc: str, out: str, rounds: int) -> argparse.ArgumentParser:
+    """The options these side-by-side timings of one model share: MODEL_DIR, --variant, --rounds, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--variant", default=None, help="a variant under MODEL_DIR/variants (default: the fp32 model)")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / out)
+    return ap
+
+
+def read_variant(model_dir: Path, variant: str | None) -> tuple[Path, ModelCard]:
+    """The model (or its variant under MODEL_DIR/variants) and its card."""
+    directory = model_dir / "variants" / variant if variant else model_dir
+    return directory, ModelCard.read(directory)
+
+
 def elastic_variant(ap: argparse.ArgumentParser, model_dir: Path, variant: str | None) -> tuple[Path, ModelCard]:
     """The model (or its variant) and its card; exits unless its runtime leases cores (torch's thread pool)."""
-    directory = model_dir / "variants" / variant if variant else model_dir
-    card = ModelCard.read(directory)
+    directory, card = read_variant(model_dir, variant)
     if not RUNTIMES[card.runtime].elastic:
         ap.exit(2, f"error: runtime {card.runtime} fixes its thread count at load; the handler gives it a fixed "
                 "share of the cores and never leases or re-sizes torch's pool, so there is nothing to measure\n")
@@ -79,13 +94,9 @@ def elastic_variant(ap: argparse.ArgumentParser, model_dir: Path, variant: str |
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--variant", default=None, help="a variant under MODEL_DIR/variants (default: the fp32 model)")
+    ap = variant_parser(__doc__, "thread_switch.json", rounds=7)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "thread_switch.json")
     args = ap.parse_args(argv)
     directory, card = elastic_variant(ap, args.model_dir, args.variant)
     cores = len(os.sched_getaffinity(0))
