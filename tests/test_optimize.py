@@ -20,8 +20,9 @@ from tests.conftest import ROOT
 from training import optimize
 from training.data import Splits
 from training.evaluate import predict, splits_for
+from training.export import Tolerance
 from training.speed import count_macs
-from training.technique import build, load_parent, load_source, run_cli, variant_dir
+from training.technique import RUNTIME_TOLERANCE, build, load_parent, load_source, run_cli, variant_dir
 from training.variants import int8, pruned, sparse
 from training.variants.bf16 import BF16
 from training.variants.distilled import DISTILLED, kd_loss
@@ -263,6 +264,18 @@ def test_pipeline_writes_variants_and_report(parent: Path) -> None:
     optimize.main([str(parent), "--variants", "int8", "--reuse", "--rounds", "1", "--latency-calls", "1",
                    "--throughput-calls", "1", "--no-progress"])
     assert (variant_dir(parent, "int8") / TORCHSCRIPT_FILE).stat().st_mtime_ns == before
+
+
+def test_a_variant_that_misses_parity_is_skipped_with_the_reason_and_the_rest_are_timed(
+        parent: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A parity miss depends on the weights (docs/support.md); here a zero tolerance makes the real check fail.
+    monkeypatch.setitem(RUNTIME_TOLERANCE, "fp32", Tolerance(0.0, 0.0, 1.0))
+    optimize.main([str(parent), "--variants", "fp32,onnxruntime", "--threads", "1", "--rounds", "1",
+                   "--latency-calls", "1", "--throughput-calls", "1", "--no-progress"])
+    report = json.loads((parent / "optimization" / "report.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["fp32_eager", "fp32"]
+    assert "does not match its source" in report["skipped"]["onnxruntime"]
+    assert "max |diff|" in report["skipped"]["onnxruntime"]
 
 
 def test_pipeline_rejects_unknown_variant(parent: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -326,6 +326,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             skipped[name] = str(e)
             print(f"[{i}/{len(args.variants)}] skipped: {e}", flush=True)
             continue
+        except ParityError as e:  # depends on the weights (docs/support.md): this variant is out, the rest go on
+            skipped[name] = f"refused, its artifact does not match its source: {e}"
+            print(f"[{i}/{len(args.variants)}] skipped: {skipped[name]}", flush=True)
+            continue
         print(f"[{i}/{len(args.variants)}] {describe(made[name])} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     print(f"loading {len(made) + 1} models and timing them side by side ({args.threads} threads, {args.rounds} "
