@@ -66,7 +66,7 @@ if [[ -f "$MODEL/metadata.json" ]]; then step "full model: $MODEL exists, skippi
 else step "full model: resnet18 @ 224, 8 epochs (digits 1.0 keeps serving)"; python -m training.train --out "$MODEL" --resume; fi
 [[ -f "$MODEL/model.pt" ]] || { step "export the full model to TorchScript"; python -m training.export "$MODEL"; }
 step "optimize: every technique and runtime this machine runs, each gated, timed and compared; then the pick"
-python -m training.optimize "$MODEL" --pick
+python -m training.optimize "$MODEL" --pick --reuse  # --reuse: variants already built from this checkpoint stay
 
 step "roll the pick out as digits 2.0: register -> canary -> promote -> retire 1.0, under a small load"
 [[ -f model_store/digits-2.0.mar ]] || ./build_mar.sh "$MODEL" --pick throughput --name digits --version 2.0 --archive digits-2.0
