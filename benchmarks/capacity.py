@@ -19,6 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from handlers.machine import cpu_label
+
 TARGETS = (1_000, 10_000, 100_000)
 
 
@@ -57,7 +59,7 @@ def markdown(report: dict[str, Any], cluster: dict[str, Any], rows: list[dict[st
              sources: tuple[Path, Path]) -> str:
     m = report["machine"]
     shared = shared_costs(cluster)
-    lines = [f"# Capacity plan\n\nFrom `{sources[0]}` ({report['command']}; {m['cpu']}, {m['cpus']} CPUs, "
+    lines = [f"# Capacity plan\n\nFrom `{sources[0]}` ({report['command']}; {cpu_label(m)}, {m['cpus']} CPUs, "
              f"{report['device']}) and `{sources[1]}` ({cluster['command']}; {cluster['machine']}). Command: "
              f"`python -m benchmarks.capacity {sources[0]} --cluster {sources[1]} --utilization {utilization}`.\n",
              f"One replica = that machine ({m['cpus']} cores) running TorchServe and the gateway. CPU ms per request "

@@ -11,11 +11,12 @@ import psutil
 import torch
 
 from benchmarks.tools import CAPTUM_DIR, version
-from handlers.machine import cpu_model
+from handlers.machine import cpu_flags, cpu_model
 
 
 def machine() -> dict[str, Any]:
-    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
@@ -34,5 +35,6 @@ def versions() -> dict[str, str]:
             "captum": captum.name.removeprefix("captum-").removesuffix(".dist-info") if captum else "missing",
             "wrk": version(["wrk", "--version"]).split(" [")[0].replace("debian/", ""),
             "java": version(["java", "-version"])}
+
 
 

@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from handlers.machine import cpu_label  # noqa: E402
+
 PLOT = "throughput_vs_p99.png"
 
 
@@ -109,7 +111,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark ({result['mode']} mode, {result['device']})",
         "",
-        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch threads {m['torch_threads']}. "
+        f"Machine: {cpu_label(m)}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch threads {m['torch_threads']}. "
         f"torch {v['torch']}, torchvision {v['torchvision']}, TorchServe {v['torchserve']}, {v['wrk']}, "
         f"captum {v['captum']} (stock only). Commit {result['git_commit']}, {result['started']}.",
         f"Command: `{result['command']}`",

@@ -46,6 +46,7 @@ import torchvision
 from benchmarks.environment import machine
 from handlers.contract import ModelCard
 from handlers.loading import architectures, family
+from handlers.machine import cpu_label
 from training import export, optimize, support, train
 from training.export import ParityError
 from training.technique import NotSupportedHere, build
@@ -216,7 +217,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines = [
         "# Architecture support",
         "",
-        f"Made by `{report['command']}` on {m['cpu']} ({m['cpus']} CPUs, GPU {m['gpu'] or 'none'}), "
+        f"Made by `{report['command']}` on {cpu_label(m)} ({m['cpus']} CPUs, GPU {m['gpu'] or 'none'}), "
         f"torch {report['versions']['torch']}, torchvision {report['versions']['torchvision']}, in "
         f"{report['seconds'] / 60:.0f} min. Each architecture trained on the bundled digits at "
         f"{s['input_size']}x{s['input_size']} for {s['epochs']} epoch(s); techniques with training.optimize's "

@@ -45,6 +45,7 @@ from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine
 from benchmarks.served import Bench
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
+from handlers.machine import cpu_label
 from harness.open_loop import ensure_locust
 from training.package import TUNED_FILE, check_config
 
@@ -306,7 +307,7 @@ def markdown(report: dict[str, Any]) -> str:
     w, target = report["winner"], report["p99_bound_ms"]
     against = "stock's req/s" if report["stock"] else "the best setting's req/s within the target"
     lines = [f"# Tuning {report['variant']} for p99 <= {target:g} ms over {report['loads']} connections", "",
-             f"{report['machine']['cpu']}, {report['machine']['cpus']} CPUs. Command: `{report['command']}`", "",
+             f"{cpu_label(report['machine'])}, {report['machine']['cpus']} CPUs. Command: `{report['command']}`", "",
              f"Winner: batchSize {w['batch_size']}, maxBatchDelay {w['max_batch_delay']} ms, {w['workers']} "
              f"worker(s), threads {w['threads']}: at its worst load {w['score']:.2f}× {against}.", "",
              "| batch | delay ms | workers | threads | worst share | " + " | ".join(
@@ -360,8 +361,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax2.set_yscale("log")
     ax.legend(fontsize=8)
     ax2.legend(fontsize=8)
-    fig.suptitle(f"{report['variant']}: tuned for p99 <= {report['p99_bound_ms']:g} ms ({report['machine']['cpu']})",
-                 fontsize=10)
+    fig.suptitle(f"{report['variant']}: tuned for p99 <= {report['p99_bound_ms']:g} ms "
+                 f"({cpu_label(report['machine'])})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n" + markdown(report))
     target = args.variant_dir / TUNED_FILE if args.for_variant else args.config
     old = target.read_text() if target.is_file() else ""
-    header = (f"benchmarks.tune's choice for this variant on {report['machine']['cpu']}:\n{report['command']}\n"
+    header = (f"benchmarks.tune's choice for this variant on {cpu_label(report['machine'])}:\n{report['command']}\n"
               "build_mar.sh packs it over handlers/model-config.yaml.")
     new = tuned_text(setting_values(best), header) if args.for_variant else set_keys(old, setting_values(best))
     diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(target), str(target)))

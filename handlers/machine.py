@@ -54,3 +54,10 @@ def differences(recorded: dict[str, Any], here: dict[str, Any] | None = None) ->
     here = here or fingerprint()
     return [f"{key} {recorded.get(key)!r} there, {here.get(key)!r} here" for key in ("cpu", "cpu_flags", "gpu")
             if key in recorded and recorded.get(key) != here.get(key)]
+
+
+def cpu_label(recorded: dict[str, Any]) -> str:
+    """A recorded machine's CPU as reports name it: the model and its kernel-relevant flags (one model name covers
+    several generations on cloud VMs, e.g. "AMD EPYC" with AVX2 only, or with AVX512-VNNI/BF16)."""
+    flags = recorded.get("cpu_flags")
+    return f"{recorded['cpu']} ({', '.join(flags) or 'no AVX2'})" if flags is not None else str(recorded["cpu"])
