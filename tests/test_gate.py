@@ -98,6 +98,14 @@ def test_a_zero_batch_delay_is_refused_with_what_torchserve_does_with_it(parent:
     assert "maxBatchDelay 0 with batchSize 8 would wait 100 ms" in result.stderr and "use 1" in result.stderr
 
 
+def test_torchserves_async_worker_mode_is_refused_with_why(parent: Path, tmp_path: Path) -> None:
+    config = tmp_path / "model-config.yaml"
+    config.write_text((ROOT / "handlers" / "model-config.yaml").read_text() + "asyncCommunication: true\n")
+    result = build_mar(parent, tmp_path / "store", "--config", str(config), check=False)
+    assert result.returncode != 0 and not list((tmp_path / "store").glob("*.mar"))
+    assert "keeps every answered non-streaming request in memory" in result.stderr and "Remove it" in result.stderr
+
+
 def test_int8_cannot_be_forced_onto_gpu(int8: Path, tmp_path: Path) -> None:
     result = build_mar(int8, tmp_path / "store", "--device", "gpu", check=False)
     assert result.returncode != 0

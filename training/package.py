@@ -94,6 +94,11 @@ def explainer_weights(model_dir: Path, card: ModelCard) -> tuple[Path, Explainer
 
 def check_config(cfg: dict, path: Path) -> None:
     """Refuse model-config values TorchServe 0.12 reads differently from what they say."""
+    if cfg.get("asyncCommunication"):
+        # AsyncBatchAggregator forgets a job only on a final streaming chunk: every plain answer stays in the heap.
+        raise ValueError(f"{path}: asyncCommunication is TorchServe's mode for streaming engines (vLLM): its frontend "
+                         "keeps every answered non-streaming request in memory, and these handlers answer "
+                         "synchronously. Remove it; batching is batchSize and maxBatchDelay (1 ms is the shortest)")
     if cfg.get("maxBatchDelay") == 0 and int(cfg.get("batchSize", 1)) > 1:
         # ModelManagerImpl takes the archive's maxBatchDelay only when > 0; 0 falls back to its 100 ms default
         # (measured: a lone request took 135 ms instead of ~30).
