@@ -46,6 +46,7 @@ def measure(work: Path, store: Path, stock_mar: Path, ours_mar: Path, ours_worke
         for s, mar in zip(servers, [stock_mar] * (len(servers) - 1) + [ours_mar], strict=True):
             s.bench.register(s.model, mar.name, workers=s.workers)
             s.bench.warm(s.model, sets[0].files[0].read_bytes())
+            s.bench.prime(s.model, sets[0].list_file, min(3.0, duration_s))
         with tqdm(total=rounds * len(sets) * len(servers), desc="light load, in turn", leave=False) as progress:
             for r in range(rounds):
                 order = servers[r % len(servers):] + servers[:r % len(servers)]

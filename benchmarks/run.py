@@ -59,10 +59,11 @@ class Mode:
     min_time: float  # seconds per in-process timing
     light_rounds: int  # rounds of 1-connection points, stock and ours in turn (benchmarks.light_load)
     light_s: float  # seconds per such point
+    prime_s: float  # seconds of unreported load on each archive before its first point (Bench.prime)
 
 
-QUICK = Mode("quick", (4,), (0.5,), ("constant",), 4, 24, 0.3, 1, 2)
-FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0, 5, 5)
+QUICK = Mode("quick", (4,), (0.5,), ("constant",), 4, 24, 0.3, 1, 2, 1)
+FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0, 5, 5, 3)
 
 
 def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str, batch: int,
@@ -74,6 +75,7 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
     bench.register(name, mar, workers=workers)
     try:
         bench.warm(name, sets[0].files[0].read_bytes())
+        bench.prime(name, sets[0].list_file, mode.prime_s)
         runs = [(s, c) for s in sets for c in mode.levels]
         for s, c in runs:
             bench.warm(name, s.files[0].read_bytes(), n=1)  # returns once the last run's queue has drained

@@ -81,6 +81,13 @@ class Bench:
                 raise RuntimeError(f"{name} answered {r.status_code} to a warm-up request: {r.text[:300]}\n"
                                    f"{self.ts.log_tail()}")
 
+    def prime(self, name: str, list_file: Path, seconds: float = 3.0, concurrency: int = 4) -> None:
+        """A short closed loop that is not reported, once per archive: the frontend's JIT compiles its request path
+        and the workers run their batch shapes before the first measured point (a fresh JVM's first seconds
+        spend cores on compiling: 1-connection points taken then moved by ±10%)."""
+        wrk_throughput.run(self.ts.api.url("inference", f"/predictions/{name}"), self.ts.api.keys["inference"],
+                           list_file, concurrency, seconds)
+
     def measure(self, name: str, list_file: Path, concurrency: int, duration_s: float
                 ) -> tuple[wrk_throughput.LoadResult, dict[str, Any]]:
         """wrk against /predictions/<name>, plus the server-side queue/handler time of those requests and

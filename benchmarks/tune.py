@@ -228,6 +228,7 @@ def sweep(bench: Bench, grid: list[dict[str, Any]], archives: list[Path], which:
             load_s = bench.register(name, archives[i].name)
             try:
                 bench.warm(name, body)
+                bench.prime(name, digits.list_file, min(3.0, duration))
                 for c in loads:
                     bench.warm(name, body, n=1)  # returns once the last load's queue has drained
                     result, server = bench.measure(name, digits.list_file, c, duration)
@@ -251,6 +252,7 @@ def stock_curve(model_dir: Path, loads: list[int], duration: float, work: Path,
         with Bench(work / f"ts-stock-{workers}", work / "store", env=stock.server_env(threads)) as bench:
             bench.register("stock", mar.name, workers=workers)
             bench.warm("stock", digits.files[0].read_bytes())
+            bench.prime("stock", digits.list_file, min(3.0, duration))
             for c in tqdm(loads, desc=f"stock, {workers} worker(s)", leave=False):
                 bench.warm("stock", digits.files[0].read_bytes(), n=1)
                 result, _ = bench.measure("stock", digits.list_file, c, duration)
