@@ -6,9 +6,12 @@
 
 fp32: torch.onnx.export (the torch.export-based exporter) with a dynamic batch dimension. int8: the same
 graph, pre-processed (shape inference, graph optimization) and statically quantized by
-onnxruntime.quantization into QDQ form (per-channel int8 weights, uint8 activations with min/max ranges
-calibrated on un-augmented training images); ONNX Runtime fuses the QDQ pairs into int8 kernels (VNNI on
-x86). The worker's thread count (handler option `threads`) sets the session's intra-op threads. CPU only
+onnxruntime.quantization into QDQ form (per-channel int8 weights in a 7-bit range, uint8 activations with
+min/max ranges calibrated on un-augmented training images); ONNX Runtime fuses the QDQ pairs into int8 kernels
+(VNNI on x86). The 7-bit weights (reduce_range) are for x86 CPUs without VNNI, where the u8 x s8 kernel adds
+pairs of products in 16 bits (VPMADDUBSW) and full-range weights can saturate and flip
+labels. An artifact is built once and served on whatever CPU the fleet has, so it is always built
+this way. The worker's thread count (handler option `threads`) sets the session's intra-op threads. CPU only
 here: the pinned wheel is onnxruntime's CPU build.
 """
 
@@ -48,7 +51,7 @@ def quantize_int8(float_onnx: Path, out: Path, batches: list[Any]) -> None:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(float_onnx), str(prepared))
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 class OnnxRuntimeVariant(RuntimeTechnique):
@@ -62,7 +65,8 @@ class OnnxRuntimeVariant(RuntimeTechnique):
         if self.precision != "int8":
             return {"exporter": "torch.onnx.export(dynamo=True)"}
         return {"exporter": "torch.onnx.export(dynamo=True)", "api": "onnxruntime.quantization.quantize_static",
-                "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 per-tensor, min/max",
+                "format": "QDQ", "weights": "int8 per-channel, 7-bit range",
+                "activations": "uint8 per-tensor, min/max",
                 "calibration": calibration_record(args, min(args.calibration_images, len(source.splits.train)))}
 
     def export(self, t: Transformed, source: Source, out: Path, args: argparse.Namespace) -> Exported:
