@@ -287,12 +287,21 @@ def server(runtimes: Runtimes, tmp_path_factory: pytest.TempPathFactory):
         yield ts, served
 
 
-def labels(ts: TorchServe, model: str, blobs: list[bytes]) -> list[str]:
+def answers(ts: TorchServe, model: str, blobs: list[bytes]) -> list[dict[str, Any]]:
     with cf.ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda b: ts.api.predict(model, b), blobs))
     bad = [r for r in responses if r.status_code != 200]
     assert not bad, f"{model}: {len(bad)} requests failed, e.g. {bad[0].status_code} {bad[0].text[:300]}"
-    return [r.json()["label"] for r in responses]
+    return [r.json() for r in responses]
+
+
+def labels(ts: TorchServe, model: str, blobs: list[bytes]) -> list[str]:
+    return [a["label"] for a in answers(ts, model, blobs)]
+
+
+def runner_up(answer: dict[str, Any]) -> str:
+    """The second label of a top-k answer."""
+    return sorted(answer["probabilities"], key=answer["probabilities"].get)[-2]
 
 
 def batch_sizes(metrics: str, model: str) -> tuple[float, float]:
@@ -306,19 +315,26 @@ def batch_sizes(metrics: str, model: str) -> tuple[float, float]:
 @pytest.mark.server
 @pytest.mark.slow
 def test_every_runtime_serves_the_labels_of_torchscript_fp32(server, images: list[tuple[bytes, str]]) -> None:
+    """fp32 runtimes answer every golden image as TorchScript does. A lower precision is held to the label
+    agreement its tolerance states (RUNTIME_TOLERANCE, as the build checked it): an int8 kernel may flip an image
+    TorchScript itself barely decides, so each flip must go to TorchScript's runner-up."""
     ts, served = server
     blobs = [png for png, _ in images]
-    references = {model: labels(ts, model, blobs) for model in sorted(set(served.values()))}
+    references = {model: answers(ts, model, blobs) for model in sorted(set(served.values()))}
     # The references are models: they get most of the golden set right (build-time accuracy is checked elsewhere).
-    for model, got in references.items():
-        assert sum(g == want for g, (_, want) in zip(got, images, strict=True)) >= 0.9 * len(images), model
-    differ = {}
+    for model, ref in references.items():
+        assert sum(a["label"] == want for a, (_, want) in zip(ref, images, strict=True)) >= 0.9 * len(images), model
+    off_contract = {}
     for model, ref in served.items():
         got, want = labels(ts, model, blobs), references[ref]
-        wrong = [(i, want[i], got[i]) for i in range(len(blobs)) if got[i] != want[i]]
-        if wrong:
-            differ[model] = wrong
-    assert not differ, f"labels differing from TorchScript fp32, as (image, torchscript, runtime): {differ}"
+        wrong = [(i, want[i]["label"], got[i]) for i in range(len(blobs)) if got[i] != want[i]["label"]]
+        tolerance = RUNTIME_TOLERANCE[EXPECTED[model.removeprefix("digits_")][1]]
+        far = [(i, label) for i, _, label in wrong if label != runner_up(want[i])]
+        if len(wrong) > (1 - tolerance.agreement) * len(blobs) or far:
+            off_contract[model] = {"flips": wrong, "not to the runner-up": far, "agreement": tolerance.agreement}
+    # fp32 states agreement 1.0, so any flip of an fp32 runtime lands here.
+    assert not off_contract, f"labels differing from TorchScript beyond the precision's tolerance, flips as " \
+        f"(image, torchscript, runtime): {off_contract}"
     # Concurrent requests formed batches on every runtime: each serves a dynamic batch dimension.
     metrics = ts.api.metrics()
     for model in served:
