@@ -178,6 +178,25 @@ def test_runtime_variant_card_parity_and_gate(runtimes: Runtimes, variant: str, 
     assert gate.returncode == 0 and "accuracy gate passed" in gate.stdout, gate.stdout + gate.stderr
 
 
+def test_onnxruntime_int8_weights_fit_in_seven_bits(runtimes: Runtimes) -> None:
+    """The artifact is served on whatever x86 CPU the fleet has: without VNNI, ONNX Runtime's u8 x s8 kernel sums
+    pairs of products in 16 bits, which weights of magnitude <= 64 (ONNX Runtime's reduce_range) cannot overflow:
+    255 * 64 * 2 < 2**15."""
+    import onnx
+    from onnx import numpy_helper
+
+    card = runtimes.card("pruned_onnxruntime_int8")
+    graph = onnx.load(str(runtimes.dir("pruned_onnxruntime_int8") / card.artifact)).graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    # Every int8 tensor a DequantizeLinear reads from the graph's constants is a weight (activations are uint8).
+    dequantized = [n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    assert len(dequantized) >= 10, f"expected the conv weights as int8 initializers, found {len(dequantized)}"
+    widest = {name: (int(weights[name].min()), int(weights[name].max())) for name in dequantized}
+    outside = {name: r for name, r in widest.items() if max(-r[0], r[1]) > 64}
+    assert not outside, f"int8 weights beyond the reduced range [-64, 64]: {outside}"
+    assert card.recipe.args["weights"] == "int8 per-channel, 7-bit range"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(EXPECTED))
 def test_build_mar_packs_the_artifact_and_its_companions(runtimes: Runtimes, variant: str) -> None:
