@@ -4,7 +4,7 @@ Each is built through the technique interface from a private copy of the tiny mo
 rely on it: the card names its runtime, precision and files; the parity it records is the tolerance its precision
 states, and holds when the saved artifact is loaded again; the accuracy gate passes; build_mar.sh packs it. Then one
 real TorchServe serves the TorchScript fp32 archive and every runtime archive side by side, and each runtime must
-answer the held-out golden images with the labels TorchScript gives.
+answer the held-out golden images with the labels TorchScript gives, within the agreement its precision states.
 
 Tiers: a build, its re-check and the gate take ~10 s for an ONNX Runtime or OpenVINO variant, so the fast tier
 checks four that between them cover every code path (fp32 on both, both int8 quantizers, a stacked variant) and
