@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from benchmarks import inputs, stock
-from benchmarks.served import Bench
+from benchmarks.served import PRIME_S, Bench
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ def measure(work: Path, store: Path, stock_mar: Path, ours_mar: Path, ours_worke
         servers.append(Server(bench, "ours_fp32", "ours", ours_workers, ours_threads))
         for s, mar in zip(servers, [stock_mar] * (len(servers) - 1) + [ours_mar], strict=True):
             s.bench.register(s.model, mar.name, workers=s.workers)
-            s.bench.warm(s.model, sets[0].files[0].read_bytes())
-            s.bench.prime(s.model, sets[0].list_file, min(3.0, duration_s))
+            s.bench.prime(s.model, sets[0].files[0].read_bytes(), sets[0].list_file, min(PRIME_S, duration_s))
         with tqdm(total=rounds * len(sets) * len(servers), desc="light load, in turn", leave=False) as progress:
             for r in range(rounds):
                 order = servers[r % len(servers):] + servers[:r % len(servers)]

@@ -39,7 +39,7 @@ from benchmarks.acceptance import acceptance, add_ratios
 from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine, versions
 from benchmarks.inprocess import measure_variant, model_dirs
-from benchmarks.served import Bench
+from benchmarks.served import PRIME_S, Bench
 from benchmarks.startup import startup_time
 from benchmarks.tools import ensure_captum
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard, git_commit
@@ -63,7 +63,7 @@ class Mode:
 
 
 QUICK = Mode("quick", (4,), (0.5,), ("constant",), 4, 24, 0.3, 1, 2, 1)
-FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0, 5, 5, 3)
+FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0, 5, 5, PRIME_S)
 
 
 def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str, batch: int,
@@ -74,8 +74,7 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
     rows: list[dict[str, Any]] = []
     bench.register(name, mar, workers=workers)
     try:
-        bench.warm(name, sets[0].files[0].read_bytes())
-        bench.prime(name, sets[0].list_file, mode.prime_s)
+        bench.prime(name, sets[0].files[0].read_bytes(), sets[0].list_file, mode.prime_s)
         runs = [(s, c) for s in sets for c in mode.levels]
         for s, c in runs:
             bench.warm(name, s.files[0].read_bytes(), n=1)  # returns once the last run's queue has drained

@@ -39,6 +39,9 @@ def parse_prometheus(text: str, model: str) -> dict[str, float]:
     return out
 
 
+PRIME_S = 3.0  # seconds of unreported load per archive (Bench.prime)
+
+
 class Bench:
     """One TorchServe instance for a series of measurements; always stopped by `close`."""
 
@@ -81,10 +84,12 @@ class Bench:
                 raise RuntimeError(f"{name} answered {r.status_code} to a warm-up request: {r.text[:300]}\n"
                                    f"{self.ts.log_tail()}")
 
-    def prime(self, name: str, list_file: Path, seconds: float = 3.0, concurrency: int = 4) -> None:
-        """A short closed loop that is not reported, once per archive: the frontend's JIT compiles its request path
-        and the workers run their batch shapes before the first measured point (a fresh JVM's first seconds
-        spend cores on compiling: 1-connection points taken then moved by ±10%)."""
+    def prime(self, name: str, body: bytes, list_file: Path, seconds: float = PRIME_S, concurrency: int = 4) -> None:
+        """Once per archive, before its first measured point: warm-up requests (a failure stops here, unmeasured),
+        then a short closed loop that is not reported, so the frontend's JIT compiles its request path and the
+        workers run their batch shapes (a fresh JVM's first seconds spend cores on compiling: 1-connection points
+        taken then moved by ±10%)."""
+        self.warm(name, body)
         wrk_throughput.run(self.ts.api.url("inference", f"/predictions/{name}"), self.ts.api.keys["inference"],
                            list_file, concurrency, seconds)
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from benchmarks import inputs, stock
 from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine
-from benchmarks.served import Bench
+from benchmarks.served import PRIME_S, Bench
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
 from handlers.machine import cpu_label
 from harness.open_loop import ensure_locust
@@ -227,8 +227,7 @@ def sweep(bench: Bench, grid: list[dict[str, Any]], archives: list[Path], which:
             s, name = grid[i], f"t{i}"
             load_s = bench.register(name, archives[i].name)
             try:
-                bench.warm(name, body)
-                bench.prime(name, digits.list_file, min(3.0, duration))
+                bench.prime(name, body, digits.list_file, min(PRIME_S, duration))
                 for c in loads:
                     bench.warm(name, body, n=1)  # returns once the last load's queue has drained
                     result, server = bench.measure(name, digits.list_file, c, duration)
@@ -251,8 +250,7 @@ def stock_curve(model_dir: Path, loads: list[int], duration: float, work: Path,
     for workers, threads in stock.settings():
         with Bench(work / f"ts-stock-{workers}", work / "store", env=stock.server_env(threads)) as bench:
             bench.register("stock", mar.name, workers=workers)
-            bench.warm("stock", digits.files[0].read_bytes())
-            bench.prime("stock", digits.list_file, min(3.0, duration))
+            bench.prime("stock", digits.files[0].read_bytes(), digits.list_file, min(PRIME_S, duration))
             for c in tqdm(loads, desc=f"stock, {workers} worker(s)", leave=False):
                 bench.warm("stock", digits.files[0].read_bytes(), n=1)
                 result, _ = bench.measure("stock", digits.list_file, c, duration)
