@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -195,6 +198,39 @@ def test_onnxruntime_int8_weights_fit_in_seven_bits(runtimes: Runtimes) -> None:
     outside = {name: r for name, r in widest.items() if max(-r[0], r[1]) > 64}
     assert not outside, f"int8 weights beyond the reduced range [-64, 64]: {outside}"
     assert card.recipe.args["weights"] == "int8 per-channel, 7-bit range"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores: a worker on fewer threads than cores")
+def test_openvino_leaves_a_worker_with_fewer_threads_than_cores_unpinned(runtimes: Runtimes) -> None:
+    """OpenVINO pins each process's inference threads from the first core, so two one-thread workers would both
+    run on core 0. A worker that does not use every core must keep the whole affinity mask while it infers."""
+    card = runtimes.card("openvino")
+    model = load_model(runtimes.dir("openvino"), card, "cpu", threads=1)
+    batch = torch.rand(8, *card.input.shape)
+    allowed = os.sched_getaffinity(0)
+    narrowed: set[frozenset[int]] = set()
+    samples = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal samples
+        while not done.is_set():
+            for tid in os.listdir("/proc/self/task"):
+                with contextlib.suppress(OSError):  # a thread that ended between listing and asking
+                    if (mask := os.sched_getaffinity(int(tid))) != allowed:
+                        narrowed.add(frozenset(mask))
+            samples += 1
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(200):
+            model(batch)
+    finally:
+        done.set()
+        watcher.join()
+    assert samples > 10, f"the affinity watcher sampled only {samples} times"
+    assert not narrowed, f"a thread was pinned to {sorted(map(sorted, narrowed))} of cores {sorted(allowed)}"
 
 
 @pytest.mark.slow
