@@ -111,12 +111,19 @@ class Bench:
 
     def measure_open(self, name: str, list_file: Path, rate: float, duration_s: float, arrivals: str = "constant"
                      ) -> tuple[open_loop.OpenLoopResult, dict[str, Any]]:
-        """Open-loop load at `rate` req/s (harness.open_loop), plus the server-side queue and handler time."""
+        """Open-loop load at `rate` req/s (harness.open_loop), plus the server-side queue and handler time and the
+        CPU time each process spent (the generator's includes locust's start-up)."""
         api = self.ts.api
         before = parse_prometheus(api.metrics(), name)
+        group = self.ts.proc.pid if self.ts.proc else os.getpgid(0)
+        cpu_before, gen_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
         result = open_loop.run(api.url("inference", f"/predictions/{name}"), api.keys["inference"], list_file,
                                rate, duration_s, arrivals=arrivals)
-        return result, server_side(before, parse_prometheus(api.metrics(), name))
+        wall = time.monotonic() - t0
+        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(group).items()}
+        cpu["load_generator"] = children_cpu_seconds() - gen_before
+        after = parse_prometheus(api.metrics(), name)
+        return result, {**server_side(before, after), **cpu_profile(cpu, result.requests, wall)}
 
 
 def cpu_seconds(group: int) -> dict[str, float]:
