@@ -1,6 +1,6 @@
 """The in-process ceiling: this project's handler called directly, no TorchServe, no HTTP.
 
-    python -m benchmarks.inprocess artifacts/resnet18 [--variants artifacts/resnet18/variants] [--quick]
+    python -m benchmarks.inprocess artifacts/resnet18 [--variants artifacts/resnet18/variants] [--only a,b] [--quick]
 
 For each variant, at batch 1 and 8: images/s of `ImageClassifier.handle` on JPEG bodies (decode,
 resize, normalize, forward, respond: the served path minus TorchServe) and of `forward` alone on
@@ -18,6 +18,7 @@ import torch
 from ts.context import Context
 
 from handlers.contract import CardError, ModelCard
+from handlers.cores import restart_with_openmp_env
 from handlers.image_classifier import ImageClassifier
 from harness.context import call, make_context
 from training.speed import median_seconds
@@ -94,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--variants", type=Path, default=None)
+    ap.add_argument("--only", type=lambda s: s.split(","), default=None, help="variant names, comma-separated")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     import tempfile
@@ -101,10 +103,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bodies = digits(args.model_dir, Path(tmp), limit=16).bodies()
     print(f"torch threads: {torch.get_num_threads()}")
-    for d in model_dirs(args.model_dir, args.variants):
+    for d in model_dirs(args.model_dir, args.variants, args.only):
         for row in measure_variant(d, bodies, 0.5 if args.quick else 3.0):
             print(json.dumps(row))
 
 
 if __name__ == "__main__":
+    restart_with_openmp_env()
     main()

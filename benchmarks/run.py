@@ -43,6 +43,7 @@ from benchmarks.served import PRIME_S, Bench
 from benchmarks.startup import startup_time
 from benchmarks.tools import ensure_captum
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard, git_commit
+from handlers.cores import restart_with_openmp_env
 from harness.open_loop import ensure_locust
 from harness.wrk_throughput import ensure_wrk
 from training.package import PICK_KINDS, read_pick, serving_config
@@ -287,4 +288,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    restart_with_openmp_env()
     main()

@@ -6,13 +6,15 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from handlers.cores import CorePool
+from handlers.cores import OPENMP_ENV, CorePool
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -83,3 +85,31 @@ def test_a_killed_worker_gives_its_cores_back(tmp_path: Path) -> None:
         holder.join(10)
         with pool.lease() as n:
             assert n == CORES
+
+
+def run_help(command: str, env: dict[str, str]) -> tuple[list[str], str]:
+    """`python -m COMMAND --help` as a `-c` script that first prints the OPENMP_ENV it sees: (env lines, stderr)."""
+    show = ("import os, runpy, sys; sys.argv = [sys.argv[0], '--help']; "
+            f"print('env', *(os.environ.get(k) for k in {sorted(OPENMP_ENV)!r})); "
+            f"runpy.run_module({command!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", show], env=env, cwd=Path(__file__).resolve().parent.parent,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [line for line in r.stdout.splitlines() if line.startswith("env ")], r.stderr
+
+
+BARE = {k: v for k, v in os.environ.items() if k not in OPENMP_ENV}
+
+
+@pytest.mark.parametrize("command", ["benchmarks.run", "benchmarks.inprocess", "training.optimize"])
+def test_commands_that_time_in_process_restart_with_the_servers_openmp_setting(command: str) -> None:
+    """libgomp reads OPENMP_ENV once, when torch loads, so a timing command started without it restarts with it."""
+    lines, stderr = run_help(command, BARE)
+    restarted = " ".join(f"{k}={v}" for k, v in sorted(OPENMP_ENV.items()))
+    assert f"restarting with {restarted}" in stderr, stderr[-2000:]
+    assert lines == ["env None", f"env {' '.join(v for _, v in sorted(OPENMP_ENV.items()))}"]
+
+
+def test_an_openmp_setting_the_user_made_is_kept() -> None:
+    lines, stderr = run_help("benchmarks.inprocess", {**BARE, **{k: "1" for k in OPENMP_ENV}})
+    assert "restarting" not in stderr and lines == ["env 1"], (lines, stderr[-2000:])

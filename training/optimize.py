@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from handlers.contract import CardError, ModelCard
+from handlers.cores import restart_with_openmp_env
 from handlers.runtimes import load_model
 from training import gate, speed, support
 from training.export import ParityError
@@ -457,4 +458,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    restart_with_openmp_env()
     main()
