@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.thread_switch import read_variant, variant_parser
+from benchmarks.thread_switch import read_variant, variant_parser, write_report
 from handlers import machine
 from handlers.deprecations import known_deprecations
 from handlers.runtimes import load_model
@@ -57,12 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
         print(json.dumps(row))
     report = {"variant": card.variant, "cpu": machine.cpu_model(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "rows": rows,
-              "command": f"python -m benchmarks.jit_optimize {args.model_dir}"
-                         + (f" --variant {args.variant}" if args.variant else "")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+              "torch": torch.__version__, "rows": rows}
+    return write_report("benchmarks.jit_optimize", args, report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ A worker's call is timed inside the worker, from the lease to the answer; betwee
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.stock import LIBGOMP_DEFAULT
-from benchmarks.thread_switch import elastic_variant, variant_parser
+from benchmarks.thread_switch import elastic_variant, variant_parser, write_report
 from handlers import machine
 from handlers.contract import ModelCard
 from handlers.cores import OPENMP_ENV, CorePool
@@ -104,15 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "p50_ms": round(percentile(t, 50) * 1000, 2), "p90_ms": round(percentile(t, 90) * 1000, 2),
              "vs_one_worker": round(percentile(t, 50) / one, 3)} for name, t in times.items()]
     report = {"variant": card.variant, "runtime": card.runtime, "cores": len(os.sched_getaffinity(0)),
-              "cpu": machine.cpu_model(), "torch": torch.__version__, "gap_ms": args.gap_ms, "rows": rows,
-              "command": f"python -m benchmarks.openmp_spin {args.model_dir}"
-                         + (f" --variant {args.variant}" if args.variant else "")}
+              "cpu": machine.cpu_model(), "torch": torch.__version__, "gap_ms": args.gap_ms, "rows": rows}
     for row in rows:
         print(f"{row['setting']:40s} p50 {row['p50_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms  "
               f"{row['vs_one_worker']:.2f}x one worker's")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report("benchmarks.openmp_spin", args, report)
 
 
 if __name__ == "__main__":

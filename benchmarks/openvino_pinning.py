@@ -10,7 +10,6 @@ worker on fewer threads than cores is not pinned). Each worker counts the images
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.thread_switch import read_variant, variant_parser
+from benchmarks.thread_switch import read_variant, variant_parser, write_report
 from handlers import machine
 from handlers.contract import ModelCard
 from handlers.runtimes import openvino_config
@@ -91,15 +90,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "rounds_total": [round(sum(x), 1) for x in rounds]} for name, rounds in rates.items()]
     report = {"variant": card.variant, "batch": args.batch, "cores": cores,
               "cpu": machine.cpu_label(machine.fingerprint()), "duration_s": args.duration,
-              "rounds": args.rounds, "rows": rows,
-              "command": f"python -m benchmarks.openvino_pinning {args.model_dir}"
-                         + (f" --variant {args.variant}" if args.variant else "")}
+              "rounds": args.rounds, "rows": rows}
     for row in rows:
         print(f"{row['setting']:50s} {row['images_per_s_total']:7.1f} images/s "
               f"({row['images_per_s_per_worker']:.1f} per worker; rounds {row['rounds_total']})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report("benchmarks.openvino_pinning", args, report)
 
 
 if __name__ == "__main__":

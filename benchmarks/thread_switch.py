@@ -78,6 +78,14 @@ def variant_parser(doc: str, out: str, rounds: int) -> argparse.ArgumentParser:
     return ap
 
 
+def write_report(module: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
+    """Write `report` to --out with the command line that reproduces it, and return it."""
+    report["command"] = f"python -m {module} {args.model_dir}" + (f" --variant {args.variant}" if args.variant else "")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def read_variant(model_dir: Path, variant: str | None) -> tuple[Path, ModelCard]:
     """The model (or its variant under MODEL_DIR/variants) and its card."""
     directory = model_dir / "variants" / variant if variant else model_dir
@@ -112,13 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lease_us = lease_cost_us(CorePool(cores, Path(tmp)))
     torch.set_num_threads(before)
     report = {"variant": card.variant, "runtime": card.runtime, "cores": cores, "cpu": machine.cpu_model(),
-              "torch": torch.__version__, "lease_and_two_resizes_us": round(lease_us, 1), "rows": rows,
-              "command": f"python -m benchmarks.thread_switch {args.model_dir}"
-                         + (f" --variant {args.variant}" if args.variant else "")}
+              "torch": torch.__version__, "lease_and_two_resizes_us": round(lease_us, 1), "rows": rows}
     print(f"lease + two set_num_threads calls: {lease_us:.1f} us (median); {card.variant} on {report['cpu']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report("benchmarks.thread_switch", args, report)
 
 
 if __name__ == "__main__":
