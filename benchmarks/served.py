@@ -11,8 +11,9 @@ import os
 import re
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -38,6 +39,8 @@ def parse_prometheus(text: str, model: str) -> dict[str, float]:
         out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
     return out
 
+
+Load = TypeVar("Load", wrk_throughput.LoadResult, open_loop.OpenLoopResult)
 
 PRIME_S = 3.0  # seconds of unreported load per archive (Bench.prime)
 
@@ -98,27 +101,27 @@ class Bench:
         """wrk against /predictions/<name>, plus the server-side queue/handler time of those requests and
         the CPU time each process spent on them."""
         api = self.ts.api
-        before = parse_prometheus(api.metrics(), name)
-        group = self.ts.proc.pid if self.ts.proc else os.getpgid(0)
-        cpu_before, wrk_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
-        result = wrk_throughput.run(api.url("inference", f"/predictions/{name}"), api.keys["inference"], list_file,
-                                    concurrency, duration_s)
-        wall = time.monotonic() - t0
-        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(group).items()}
-        cpu["load_generator"] = children_cpu_seconds() - wrk_before
-        after = parse_prometheus(api.metrics(), name)
-        return result, {**server_side(before, after), **cpu_profile(cpu, result.requests, wall)}
+        return self.profiled(name, lambda: wrk_throughput.run(api.url("inference", f"/predictions/{name}"),
+                                                              api.keys["inference"], list_file, concurrency,
+                                                              duration_s))
 
     def measure_open(self, name: str, list_file: Path, rate: float, duration_s: float, arrivals: str = "constant"
                      ) -> tuple[open_loop.OpenLoopResult, dict[str, Any]]:
         """Open-loop load at `rate` req/s (harness.open_loop), plus the server-side queue and handler time and the
         CPU time each process spent (the generator's includes locust's start-up)."""
         api = self.ts.api
+        return self.profiled(name, lambda: open_loop.run(api.url("inference", f"/predictions/{name}"),
+                                                         api.keys["inference"], list_file, rate, duration_s,
+                                                         arrivals=arrivals))
+
+    def profiled(self, name: str, load: Callable[[], Load]) -> tuple[Load, dict[str, Any]]:
+        """Run `load` (a load generator this process waits for) and return its result with TorchServe's counters
+        for `name` and the CPU seconds of the frontend, the workers and the generator over it."""
+        api = self.ts.api
         before = parse_prometheus(api.metrics(), name)
         group = self.ts.proc.pid if self.ts.proc else os.getpgid(0)
         cpu_before, gen_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
-        result = open_loop.run(api.url("inference", f"/predictions/{name}"), api.keys["inference"], list_file,
-                               rate, duration_s, arrivals=arrivals)
+        result = load()
         wall = time.monotonic() - t0
         cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(group).items()}
         cpu["load_generator"] = children_cpu_seconds() - gen_before
