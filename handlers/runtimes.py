@@ -39,6 +39,9 @@ class Runtime:
     # True when the intra-op thread count follows torch.set_num_threads at every call; False when it is
     # fixed at load (a session option, or a thread count compiled into the code).
     elastic: bool = True
+    # False when two runs of one batch can differ (work split by thread): figures a card records then run
+    # it on one thread, so anyone who loads the artifact again gets them exactly.
+    repeatable: bool = True
 
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         """The artifact at `path`, ready to call on batches on `device` with `threads` intra-op threads."""
@@ -137,6 +140,7 @@ def openvino_config(precision: str, threads: int) -> dict[str, Any]:
 class OpenVINO(Runtime):
     elastic = False
     devices = ("cpu",)
+    repeatable = False  # int8 on 2 threads: logits moved by up to 0.8 between runs of one batch (on 1: none)
 
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         import openvino
@@ -193,6 +197,7 @@ def verify_members(path: Path) -> None:
 
 class Ensemble(Runtime):
     elastic = False
+    repeatable = False  # its members may be OpenVINO
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         assert card.fusion is not None  # the card refuses runtime ensemble without one
         verify_members(path)
@@ -209,8 +214,9 @@ RUNTIMES: dict[str, Runtime] = {"eager": Eager(), "compile": Compiled(), "torchs
 
 
 def load_model(model_dir: Path, card: ModelCard, device: torch.device | str = "cpu",
-               threads: int | None = None) -> Predictor:
-    """The artifact the card names in `model_dir`, ready to run on `device`."""
+               threads: int | None = None, repeatable: bool = False) -> Predictor:
+    """The artifact the card names in `model_dir`, ready to run on `device`; `repeatable`: the same logits on
+    every load, for the figures a card records (one thread for a runtime that is not repeatable on more)."""
     device = torch.device(device)
     path = Path(model_dir) / card.artifact
     for name in card.files:
@@ -222,4 +228,6 @@ def load_model(model_dir: Path, card: ModelCard, device: torch.device | str = "c
         raise ValueError(f"runtime {card.runtime} runs on {' or '.join(runtime.devices)}, not {device.type}; "
                          f"package variant {card.variant} with --device "
                          f"{'cpu' if 'cpu' in runtime.devices else 'gpu'}")
+    if repeatable and not runtime.repeatable:
+        threads = 1
     return runtime.load(path, card, device, threads or torch.get_num_threads())

@@ -166,10 +166,12 @@ def test_runtime_variant_card_parity_and_gate(runtimes: Runtimes, variant: str, 
 
     # The artifact in its final place, loaded again by its runtime: within the same tolerance of the float source
     # (check_parity raises past it), and the accuracy the card records is what it scores.
-    served = load_model(vdir, card)
+    served = load_model(vdir, card, repeatable=True)
     again = check_parity(float_source(runtimes, card), served, tiny_splits.test, card, tolerance)
     assert again["top1_agreement"] >= tolerance.agreement
     logits, labels = predict(served, tiny_splits.test, card.input.mean, card.input.std)
+    reloaded, _ = predict(load_model(vdir, card, repeatable=True), tiny_splits.test, card.input.mean, card.input.std)
+    assert torch.equal(logits, reloaded), "a repeatable load gave other logits the second time"
     assert card.test.n == len(labels)
     assert card.test.top1 == pytest.approx((logits.argmax(1) == labels).float().mean().item(), abs=1e-6)
 

@@ -120,7 +120,7 @@ def evaluate_artifact(model_dir: Path, card: ModelCard, dataset: Dataset, split:
                       ) -> dict[str, Any]:
     """The artifact the card names, loaded from disk as it will be served (or `model`, already loaded from there),
     on `dataset`; report written beside it."""
-    model = load_model(model_dir, card) if model is None else model
+    model = load_model(model_dir, card, repeatable=True) if model is None else model
     logits, labels = predict(model, dataset, card.input.mean, card.input.std, progress=progress)
     result = classification_metrics(logits, labels, card.labels)
     title = f"{card.architecture} {card.variant} - {split} top-1 {100 * result['top1']:.2f}%"

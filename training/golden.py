@@ -80,7 +80,7 @@ def build(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
     assert card.data is not None  # splits_for refuses a card without data
     chosen = sample_indices(dataset_labels(splits.test), size, card.data.spec.seed)
     subset = Subset(splits.test, chosen.tolist())
-    model = load_model(model_dir, card)
+    model = load_model(model_dir, card, repeatable=True)
     logits, labels = predict(model, subset, card.input.mean, card.input.std)
     preds = logits.argmax(1)
     top1 = float((preds == labels).float().mean())

@@ -289,7 +289,7 @@ def build(parent_dir: Path, technique: Technique, args: argparse.Namespace, name
             # Parity and evaluation run the artifact as it will be served: loaded back from disk by its runtime.
             with known_deprecations():
                 device = torch.device("cuda" if card.cuda_only else "cpu")
-                served = on_cpu(load_model(staging, card, device), device)
+                served = on_cpu(load_model(staging, card, device, repeatable=True), device)
                 parity = check_parity(t.model, served, source.splits.test, parent, t.tolerance, technique.parity_hint)
                 card = card.replace(export={"method": exported.method, "parity": parity, **exported.details})
                 result = evaluate_artifact(staging, card, source.splits.test, model=served)

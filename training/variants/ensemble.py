@@ -123,7 +123,7 @@ class Ensemble(Technique):
     def transform(self, source: Source, args: argparse.Namespace) -> Transformed:
         members = read_members(source, self.members(args))
         with known_deprecations():
-            runs = [load_model(vdir, card) for vdir, card in members]
+            runs = [load_model(vdir, card, repeatable=True) for vdir, card in members]
         val = [probabilities(run, source) for run in runs]
         labels = val[0][1]
         probs = [p for p, _ in val]
