@@ -32,7 +32,7 @@ TINY_ARGS = ["--input-size", str(TINY_SIZE), "--epochs", "3", "--no-progress"]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     # tests/test_reliability.py: the CI form is the default; longer soaks by flag.
-    parser.addoption("--soak-seconds", type=float, default=120, help="soak duration at ~80%% of max (default 120)")
+    parser.addoption("--soak-seconds", type=float, default=60, help="soak duration at ~80%% of max (default 60)")
     parser.addoption("--figures-out", type=Path, default=None, help="write the reliability figures as JSON here")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import multiprocessing as mp
 import os
@@ -99,17 +100,28 @@ def run_help(command: str, env: dict[str, str]) -> tuple[list[str], str]:
 
 
 BARE = {k: v for k, v in os.environ.items() if k not in OPENMP_ENV}
+TIMING_COMMANDS = ("benchmarks.run", "benchmarks.inprocess", "training.optimize")
+USER_SET = {**BARE, **{k: "1" for k in OPENMP_ENV}}
 
 
-@pytest.mark.parametrize("command", ["benchmarks.run", "benchmarks.inprocess", "training.optimize"])
-def test_commands_that_time_in_process_restart_with_the_servers_openmp_setting(command: str) -> None:
+@pytest.fixture(scope="module")
+def help_runs() -> dict[tuple[str, bool], tuple[list[str], str]]:
+    """run_help of each timing command without OPENMP_ENV, and of one with the user's own value, all at once
+    (each imports torch twice, mostly waiting on the disk)."""
+    runs = [(c, False) for c in TIMING_COMMANDS] + [("benchmarks.inprocess", True)]
+    with cf.ThreadPoolExecutor(len(runs)) as pool:
+        return dict(zip(runs, pool.map(lambda r: run_help(r[0], USER_SET if r[1] else BARE), runs), strict=True))
+
+
+@pytest.mark.parametrize("command", TIMING_COMMANDS)
+def test_commands_that_time_in_process_restart_with_the_servers_openmp_setting(command: str, help_runs) -> None:
     """libgomp reads OPENMP_ENV once, when torch loads, so a timing command started without it restarts with it."""
-    lines, stderr = run_help(command, BARE)
+    lines, stderr = help_runs[command, False]
     restarted = " ".join(f"{k}={v}" for k, v in sorted(OPENMP_ENV.items()))
     assert f"restarting with {restarted}" in stderr, stderr[-2000:]
     assert lines == ["env None", f"env {' '.join(v for _, v in sorted(OPENMP_ENV.items()))}"]
 
 
-def test_an_openmp_setting_the_user_made_is_kept() -> None:
-    lines, stderr = run_help("benchmarks.inprocess", {**BARE, **{k: "1" for k in OPENMP_ENV}})
+def test_an_openmp_setting_the_user_made_is_kept(help_runs) -> None:
+    lines, stderr = help_runs["benchmarks.inprocess", True]
     assert "restarting" not in stderr and lines == ["env 1"], (lines, stderr[-2000:])

@@ -1,7 +1,7 @@
 """Reliability of the real TorchServe under load and faults: soak, kill -9 of a worker, backpressure, frontend
 restart from a snapshot, hostile input mixed into load. Every loop is bounded in count and time; loopback only.
 
-    bash tests/run.sh --tier slow tests/test_reliability.py                          # CI form: 2-minute soak
+    bash tests/run.sh --tier slow tests/test_reliability.py                          # CI form: 1-minute soak
     bash tests/run.sh --tier slow tests/test_reliability.py --soak-seconds 600 \\
         --figures-out docs/reliability.json                                        # longer, figures as JSON
 
