@@ -120,6 +120,9 @@ def acceptance(served: list[dict[str, Any]], inproc: list[dict[str, Any]], open_
     if "constant" in at70 and at70["constant"]["p99_over_p50"] is not None:
         r, poisson = at70["constant"], at70.get("poisson")
         also = f"; Poisson arrivals: {poisson['p99_over_p50']:.2f}" if poisson and poisson["p99_over_p50"] else ""
+        logged = r.get("server_metrics", {})
+        if "frontend_p99_ms" in logged:  # the same tail in TorchServe's access log: the server's, not the generator's
+            also += f"; access log p50 {logged['frontend_p50_ms']:.0f}, p99 {logged['frontend_p99_ms']:.0f} ms"
         out.append({"target": "p99 <= 2x p50 at 70% of max, open loop (constant arrival rate)",
                     "measured": f"p99/p50 = {r['p99_over_p50']:.2f} ({fastest}: {r['achieved_rps']:.1f} req/s "
                                 f"offered at 70% of {r['max_rps']:.1f}; p50 {r['p50_ms']:.2f}, p99 {r['p99_ms']:.2f} "

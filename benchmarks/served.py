@@ -19,11 +19,26 @@ import psutil
 
 from harness import open_loop, wrk_throughput
 from harness.torchserve import TorchServe
+from training.stats import percentile
 
 PROM_LINE = re.compile(r"^(\w+)\{([^}]*)\}\s+([-+0-9.eE]+|NaN)$")
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 COUNTERS = ("ts_inference_requests_total", "ts_queue_latency_microseconds", "ts_inference_latency_microseconds")
 GAUGES = ("HandlerTime", "PreprocessMs", "InferenceMs", "PostprocessMs", "HandlerBatchSize")
+# TorchServe's access log: `"POST /predictions/<model>[/<version>] HTTP/1.1" <status> <ms>`, the ms from the
+# request's arrival at the frontend to its response.
+ACCESS_LINE = re.compile(r'"POST /predictions/([^/ "]+)\S* HTTP/[\d.]+" \d{3} (\d+)$')
+
+
+def access_ms(lines: list[str], model: str) -> list[float]:
+    """The frontend's milliseconds for each prediction of `model` in access-log lines."""
+    return [float(m.group(2)) for line in lines if (m := ACCESS_LINE.search(line)) and m.group(1) == model]
+
+
+def frontend_latency(lines: list[str], model: str) -> dict[str, float]:
+    """p50 and p99 as the frontend logged them: a client-side tail that is not here is the generator's."""
+    ms = access_ms(lines, model)
+    return {"frontend_p50_ms": percentile(ms, 50), "frontend_p99_ms": percentile(ms, 99)} if ms else {}
 
 
 def parse_prometheus(text: str, model: str) -> dict[str, float]:
@@ -116,9 +131,11 @@ class Bench:
 
     def profiled(self, name: str, load: Callable[[], Load]) -> tuple[Load, dict[str, Any]]:
         """Run `load` (a load generator this process waits for) and return its result with TorchServe's counters
-        for `name` and the CPU seconds of the frontend, the workers and the generator over it."""
+        for `name`, the frontend's own p50/p99 from its access log, and the CPU seconds of the frontend, the
+        workers and the generator over it."""
         api = self.ts.api
         before = parse_prometheus(api.metrics(), name)
+        logged = len(self.ts.logs("access_log.log").splitlines())
         group = self.ts.proc.pid if self.ts.proc else os.getpgid(0)
         cpu_before, gen_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
         result = load()
@@ -126,7 +143,8 @@ class Bench:
         cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(group).items()}
         cpu["load_generator"] = children_cpu_seconds() - gen_before
         after = parse_prometheus(api.metrics(), name)
-        return result, {**server_side(before, after), **cpu_profile(cpu, result.requests, wall)}
+        frontend = frontend_latency(self.ts.logs("access_log.log").splitlines()[logged:], name)
+        return result, {**server_side(before, after), **frontend, **cpu_profile(cpu, result.requests, wall)}
 
 
 def cpu_seconds(group: int) -> dict[str, float]:

@@ -54,6 +54,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
 THREAD_POLICIES = ("lease", "auto")
+# What an open-loop check keeps besides latency: where the tail was measured, and where the CPU went.
+SERVER_TAIL = ("frontend_p50_ms", "frontend_p99_ms", "cpu_ms_per_request", "cpu_busy_share")
 
 
 def set_keys(text: str, values: dict[str, int | str]) -> str:
@@ -195,10 +197,11 @@ def tail_check(bench: Bench, grid: list[dict[str, Any]], archives: list[Path], s
         tails[i] = {"share": share, "rate": round(rate, 1), "achieved_rps": result.achieved_rps,
                     "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "p99_over_p50": round(ratio, 3),
                     "errors": result.errors, "mean_batch": server.get("mean_batch"),
-                    "ok": ratio <= bound and result.errors == 0}
+                    **{k: server[k] for k in SERVER_TAIL if k in server}, "ok": ratio <= bound and result.errors == 0}
         print(f"open loop at {share:.0%} of max ({rate:.0f} req/s): b{grid[i]['batch_size']} "
               f"d{grid[i]['max_batch_delay']} w{grid[i]['workers']} {grid[i]['threads']}: p50 {result.p50_ms:.1f}, "
-              f"p99 {result.p99_ms:.1f} ms (x{ratio:.2f}) {'kept' if tails[i]['ok'] else 'out'}", file=sys.stderr)
+              f"p99 {result.p99_ms:.1f} ms (x{ratio:.2f}; access log p99 {server.get('frontend_p99_ms', '-')} ms) "
+              f"{'kept' if tails[i]['ok'] else 'out'}", file=sys.stderr)
         if tails[i]["ok"]:
             break
     return tails

@@ -174,6 +174,8 @@ def test_quick_mode_runs_end_to_end_with_zero_errors(tiny_model: Path, tmp_path:
     for r in looped:
         assert r["errors"] == 0 and r["requests"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
         assert r["server_metrics"]["requests"] >= r["requests"], r  # TorchServe saw what locust counted
+        logged = r["server_metrics"]  # the frontend's own times, 1 ms resolution, within what locust waited
+        assert 0 <= logged["frontend_p50_ms"] <= logged["frontend_p99_ms"] <= r["p99_ms"] + 1, r
     rounds = result["light"]["rows"]  # stock and ours at 1 connection, in turn
     assert {(r["server"], r["input"], r["concurrency"]) for r in rounds} == {
         (server, name, 1) for server in ("stock", "ours") for name in ("digits", "photos")}
