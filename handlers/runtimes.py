@@ -140,7 +140,7 @@ def openvino_config(precision: str, threads: int) -> dict[str, Any]:
 class OpenVINO(Runtime):
     elastic = False
     devices = ("cpu",)
-    repeatable = False  # int8 on 2 threads: logits moved by up to 0.8 between runs of one batch (on 1: none)
+    repeatable = False  # int8 on 2 threads: two runs of one batch gave other logits (on 1 thread: identical)
 
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         import openvino
