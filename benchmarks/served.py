@@ -38,7 +38,9 @@ def access_ms(lines: list[str], model: str) -> list[float]:
 def frontend_latency(lines: list[str], model: str) -> dict[str, float]:
     """p50 and p99 as the frontend logged them: a client-side tail that is not here is the generator's."""
     ms = access_ms(lines, model)
-    return {"frontend_p50_ms": percentile(ms, 50), "frontend_p99_ms": percentile(ms, 99)} if ms else {}
+    if not ms:
+        return {}
+    return {"frontend_p50_ms": round(percentile(ms, 50), 1), "frontend_p99_ms": round(percentile(ms, 99), 1)}
 
 
 def parse_prometheus(text: str, model: str) -> dict[str, float]:
