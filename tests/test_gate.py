@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from handlers.contract import ModelCard
 from harness.context import unpack_mar
 from tests.conftest import ROOT, build_mar
 from training import gate
-from training.package import TUNED_FILE, read_manifest
+from training.package import TUNED_FILE, read_manifest, record
 from training.technique import build, variant_dir
 from training.variants.int8 import INT8
 from training.variants.sparse import SPARSE
@@ -136,3 +138,20 @@ def test_a_variants_tuned_keys_pack_over_the_shared_config_and_an_explicit_confi
         assert "responseTimeout" in result.stderr and "--for-variant" in result.stderr
     finally:
         tuned.unlink(missing_ok=True)
+
+
+def test_builders_recording_into_one_store_at_once_lose_no_entry(model_store: Path, tiny_model: Path,
+                                                                 tmp_path: Path) -> None:
+    """build_mar.sh's last step (training.package record) run by sixteen builders at the same moment."""
+    mars = [tmp_path / f"digits_{i}.mar" for i in range(16)]
+    for mar in mars:
+        shutil.copy(model_store / "digits.mar", mar)
+    start = threading.Barrier(len(mars))
+
+    def record_when_all_are_ready(mar: Path) -> None:
+        start.wait()
+        record(mar, tiny_model)
+
+    with cf.ThreadPoolExecutor(len(mars)) as pool:
+        list(pool.map(record_when_all_are_ready, mars))
+    assert sorted(read_manifest(tmp_path)) == sorted(m.name for m in mars)

@@ -8,10 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,14 @@ def read_manifest(store: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} is not a manifest (a JSON object of archives); rebuild it with build_mar.sh")
     return manifest
+
+
+@contextlib.contextmanager
+def manifest_lock(store: Path) -> Iterator[None]:
+    """One read-modify-write of the store's manifest at a time: build_mar.sh may run in parallel into one store."""
+    with open(Path(store) / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed builder's process ends
+        yield
 
 
 def write_manifest(store: Path, manifest: dict[str, dict[str, Any]]) -> Path:
@@ -183,7 +194,6 @@ def stage(model_dir: Path, out: Path, config: Path | None, device: str, version:
 def record(mar: Path, model_dir: Path) -> dict[str, object]:
     """Add the archive's sha256 to the store's manifest.json (the deploy tool checks it)."""
     card = ModelCard.read(model_dir)
-    manifest = read_manifest(mar.parent)
     entry = {
         "sha256": sha256(mar),
         "bytes": mar.stat().st_size,
@@ -194,8 +204,10 @@ def record(mar: Path, model_dir: Path) -> dict[str, object]:
         "source": str(model_dir),
         "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    manifest[mar.name] = entry
-    write_manifest(mar.parent, manifest)
+    with manifest_lock(mar.parent):
+        manifest = read_manifest(mar.parent)
+        manifest[mar.name] = entry
+        write_manifest(mar.parent, manifest)
     return entry
 
 
