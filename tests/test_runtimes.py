@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from harness.torchserve import TorchServe
 from tests.conftest import ROOT, build_mar, copy_store, serve
 from training.evaluate import predict
 from training.export import check_parity
+from training.package import read_manifest
 from training.technique import RUNTIME_TOLERANCE, NotSupportedHere, build, variant_dir
 from training.variants.aot_inductor import AOTI
 from training.variants.compiled import COMPILED
@@ -336,10 +338,18 @@ def reference(variant: str) -> str:
 def server(runtimes: Runtimes, tmp_path_factory: pytest.TempPathFactory):
     """One TorchServe: digits.mar and the pruned variant's TorchScript (the references), and every runtime archive.
     Yields (server, {runtime model: its reference model})."""
-    served = {runtimes.archive(v): reference(v) for v in EXPECTED if v != "openvino_bf16" or "BF16" in capabilities()}
+    variants = [v for v in EXPECTED if v != "openvino_bf16" or "BF16" in capabilities()]
+    for v in variants:
+        runtimes.card(v)  # variants are built in this process, one at a time
+    # build_mar.sh runs two at a time into the one store, as a CI matrix would (its manifest is locked).
     # One fine-tune epoch costs the tiny pruned model a few points; here it is only a reference for labels.
-    build_mar(runtimes.dir("pruned"), runtimes.store, "--name", model_name("pruned"), "--config",
-              str(runtimes.config), "--budget", "20")
+    pruned = partial(build_mar, runtimes.dir("pruned"), runtimes.store, "--name", model_name("pruned"), "--config",
+                     str(runtimes.config), "--budget", "20")
+    with cf.ThreadPoolExecutor(2) as pool:
+        built = pool.submit(pruned)
+        served = dict(zip(pool.map(runtimes.archive, variants), map(reference, variants), strict=True))
+        built.result()
+    assert set(read_manifest(runtimes.store)) >= {f"{name}.mar" for name in (*served, model_name("pruned"))}
     with serve(runtimes.store, tmp_path_factory.mktemp("ts"), ["digits", model_name("pruned"), *served]) as ts:
         yield ts, served
 
