@@ -30,14 +30,10 @@ GAUGES = ("HandlerTime", "PreprocessMs", "InferenceMs", "PostprocessMs", "Handle
 ACCESS_LINE = re.compile(r'"POST /predictions/([^/ "]+)\S* HTTP/[\d.]+" \d{3} (\d+)$')
 
 
-def access_ms(lines: list[str], model: str) -> list[float]:
-    """The frontend's milliseconds for each prediction of `model` in access-log lines."""
-    return [float(m.group(2)) for line in lines if (m := ACCESS_LINE.search(line)) and m.group(1) == model]
-
-
 def frontend_latency(lines: list[str], model: str) -> dict[str, float]:
-    """p50 and p99 as the frontend logged them: a client-side tail that is not here is the generator's."""
-    ms = access_ms(lines, model)
+    """p50 and p99 of `model`'s predictions as the frontend logged them in access-log lines: a client-side tail
+    that is not here is the generator's."""
+    ms = [float(m.group(2)) for line in lines if (m := ACCESS_LINE.search(line)) and m.group(1) == model]
     if not ms:
         return {}
     return {"frontend_p50_ms": round(percentile(ms, 50), 1), "frontend_p99_ms": round(percentile(ms, 99), 1)}
