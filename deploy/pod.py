@@ -29,6 +29,7 @@ from handlers.contract import KEY_FILE, KeyFileError, read_key
 from handlers.cores import OPENMP_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
+LOG_CONFIG_OPTION = "-Dlog4j.configurationFile"
 INTERNAL_PORTS = ("inference", "management", "grpc_inference", "grpc_management")
 
 
@@ -43,8 +44,9 @@ def read_properties(path: Path) -> dict[str, str]:
 
 
 def server_properties(ports: dict[str, int], metrics: str, model_store: Path, tmp: Path,
-                      overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The repo's production config.properties, moved onto these ports and directories (paths made absolute)."""
+                      overrides: dict[str, str] | None = None, builtin_logging: bool = False) -> dict[str, str]:
+    """The repo's production config.properties, moved onto these ports and directories (paths made absolute).
+    `builtin_logging` drops its log config for TorchServe's own, as stock TorchServe runs."""
     props = read_properties(ROOT / "config.properties")
     props.update({
         "inference_address": f"http://127.0.0.1:{ports['inference']}",
@@ -55,10 +57,23 @@ def server_properties(ports: dict[str, int], metrics: str, model_store: Path, tm
         "model_store": str(model_store),
         "metrics_config": str(ROOT / "handlers" / "metrics.yaml"),
         # Worker sockets (.ts.sock.9000, ...) live in java.io.tmpdir: private to this server.
-        "vmargs": f"-Djava.io.tmpdir={tmp}",
+        "vmargs": " ".join([f"-Djava.io.tmpdir={tmp}", *jvm_options(props.get("vmargs", ""), builtin_logging)]),
     })
     props.update(overrides or {})
     return props
+
+
+def jvm_options(vmargs: str, builtin_logging: bool) -> list[str]:
+    """config.properties' JVM options with the log config's path made absolute (or dropped)."""
+    out = []
+    for option in vmargs.split():
+        key, _, path = option.partition("=")
+        if key == LOG_CONFIG_OPTION:
+            if builtin_logging:
+                continue
+            option = f"{key}={ROOT / path}"
+        out.append(option)
+    return out
 
 
 def torchserve_env(home: Path) -> dict[str, str]:

@@ -41,7 +41,7 @@ class TorchServe:
     `overrides`. `api` talks to it once started."""
 
     def __init__(self, workdir: Path, model_store: Path, overrides: dict[str, str] | None = None,
-                 snapshot: bool = False, env: dict[str, str] | None = None) -> None:
+                 snapshot: bool = False, env: dict[str, str] | None = None, builtin_logging: bool = False) -> None:
         self.workdir = Path(workdir)
         self.env = env or {}  # extra environment for the frontend and, through it, the workers
         self.model_store = Path(model_store)
@@ -50,7 +50,8 @@ class TorchServe:
         self.ports = {"inference": inference, "management": management, "metrics": metrics}
         internal = {"inference": inference, "management": management, "grpc_inference": grpc_inference,
                     "grpc_management": grpc_management}
-        props = server_properties(internal, f"127.0.0.1:{metrics}", self.model_store, self.workdir / "tmp")
+        props = server_properties(internal, f"127.0.0.1:{metrics}", self.model_store, self.workdir / "tmp",
+                                  builtin_logging=builtin_logging)
         props.update(overrides or {})
         self.props = props
         self.proc: subprocess.Popen[bytes] | None = None

@@ -38,7 +38,7 @@ OPERATOR = read_properties(PROFILES["operator"])
 def ts(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     """The operator profile (the one with the model API on, so the most exposed), exactly as shipped, plus digits."""
     store = copy_store(model_store, tmp_path_factory.mktemp("sec_store"), "digits.mar")
-    keep = {"inference_address", "management_address", "metrics_address", "model_store", "metrics_config"}
+    keep = {"inference_address", "management_address", "metrics_address", "model_store", "metrics_config", "vmargs"}
     overrides = {k: v for k, v in OPERATOR.items() if k not in keep}
     with serve(store, tmp_path_factory.mktemp("ts_security"), [], overrides) as server:
         server.api.register("digits.mar")

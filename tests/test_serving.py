@@ -6,6 +6,7 @@ import base64
 import concurrent.futures as cf
 import json
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import psutil
@@ -15,6 +16,8 @@ import torch
 import yaml
 from torchvision.io import encode_jpeg, encode_png
 
+from benchmarks.served import parse_prometheus
+from benchmarks.startup import STARTUP_MARKS
 from handlers.contract import STATE_DICT_FILE, ModelCard
 from handlers.cores import OPENMP_ENV
 from handlers.deprecations import known_deprecations
@@ -163,6 +166,25 @@ def test_workers_inherit_the_openmp_setting_the_core_lease_needs(server) -> None
     for pid in server.api.worker_pids("digits"):
         environ = psutil.Process(pid).environ()
         assert {k: environ.get(k) for k in OPENMP_ENV} == OPENMP_ENV, f"worker {pid}"
+
+
+def test_the_frontend_logs_a_request_once_and_keeps_start_up_and_metrics(server, tiny_splits) -> None:
+    """deploy/log4j2.xml (config.properties' vmargs): one access-log line per request and no per-request lines in
+    ts_log.log or model_log.log (the built-in config writes about ten), nothing written twice, and what people
+    read the logs for is still there: the start-up phases and the handler's metrics on /metrics."""
+    png, n = encode_png(tiny_splits.test[0][0]).numpy().tobytes(), 16
+    names = ("access_log.log", "ts_log.log", "model_log.log")
+    before = {name: len(server.logs(name).splitlines()) for name in names}
+    batches = parse_prometheus(server.api.metrics(), "digits").get("HandlerBatchSize_count", 0.0)
+    for _ in range(n):
+        assert server.api.predict("digits", png).status_code == 200
+    grown = {name: server.logs(name).splitlines()[before[name]:] for name in names}
+    assert sum("POST /predictions/digits " in line for line in grown["access_log.log"]) == n
+    assert len(grown["ts_log.log"]) < n // 2 and len(grown["model_log.log"]) < n // 2, grown
+    ts_log = server.logs("ts_log.log").splitlines()
+    assert not [a for a, b in pairwise(ts_log) if a == b], "ts_log.log holds lines written twice"
+    assert [phase for phase, mark in STARTUP_MARKS if not any(mark.search(line) for line in ts_log)] == []
+    assert parse_prometheus(server.api.metrics(), "digits")["HandlerBatchSize_count"] >= batches + n
 
 
 def test_requests_without_the_token_are_refused(server, tiny_splits) -> None:
