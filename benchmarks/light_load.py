@@ -32,20 +32,22 @@ class Server:
 
 
 def measure(work: Path, store: Path, stock_mar: Path, ours_mar: Path, ours_workers: int, ours_threads: str,
-            sets: list[inputs.InputSet], rounds: int, duration_s: float, full: bool = True) -> list[dict[str, Any]]:
+            sets: list[inputs.InputSet], rounds: int, duration_s: float, full: bool = True, settle_s: float = 0.0
+            ) -> list[dict[str, Any]]:
     """Rows of (round, input, server) at 1 connection, from the stock settings (`full`: all of them, else its
     default) and ours served at once."""
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         servers = []
         for workers, threads in stock.settings(full):
-            bench = stack.enter_context(Bench(work / f"ts-light-stock-{workers}", store, env=stock.server_env(threads)))
+            bench = stack.enter_context(stock.server(work / f"ts-light-stock-{workers}", store, threads))
             servers.append(Server(bench, "stock", "stock", workers, threads))
         bench = stack.enter_context(Bench(work / "ts-light-ours", store))
         servers.append(Server(bench, "ours_fp32", "ours", ours_workers, ours_threads))
         for s, mar in zip(servers, [stock_mar] * (len(servers) - 1) + [ours_mar], strict=True):
             s.bench.register(s.model, mar.name, workers=s.workers)
-            s.bench.prime(s.model, sets[0].files[0].read_bytes(), sets[0].list_file, min(PRIME_S, duration_s))
+            s.bench.prime(s.model, sets[0].files[0].read_bytes(), sets[0].list_file, min(PRIME_S, duration_s),
+                          settle_s=settle_s)
         with tqdm(total=rounds * len(sets) * len(servers), desc="light load, in turn", leave=False) as progress:
             for r in range(rounds):
                 order = servers[r % len(servers):] + servers[:r % len(servers)]

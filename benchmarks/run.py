@@ -39,7 +39,7 @@ from benchmarks.acceptance import acceptance, add_ratios
 from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine, versions
 from benchmarks.inprocess import measure_variant, model_dirs
-from benchmarks.served import PRIME_S, Bench
+from benchmarks.served import PRIME_S, SETTLE_S, Bench
 from benchmarks.startup import startup_time
 from benchmarks.tools import ensure_captum
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard, git_commit
@@ -61,10 +61,12 @@ class Mode:
     light_rounds: int  # rounds of 1-connection points, stock and ours in turn (benchmarks.light_load)
     light_s: float  # seconds per such point
     prime_s: float  # seconds of unreported load on each archive before its first point (Bench.prime)
+    settle_s: float  # at most this much more on a fresh frontend, until its JIT goes quiet (Bench.prime)
 
 
-QUICK = Mode("quick", (4,), (0.5,), ("constant",), 4, 24, 0.3, 1, 2, 1)
-FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0, 5, 5, PRIME_S)
+QUICK = Mode("quick", (4,), (0.5,), ("constant",), 4, 24, 0.3, 1, 2, 1, 0)
+FULL = Mode("full", (1, 4, 16, 64), (0.3, 0.5, 0.7, 0.9), ("constant", "poisson"), 10, None, 3.0, 5, 5, PRIME_S,
+            SETTLE_S)
 
 
 def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str, batch: int,
@@ -75,7 +77,7 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
     rows: list[dict[str, Any]] = []
     bench.register(name, mar, workers=workers)
     try:
-        bench.prime(name, sets[0].files[0].read_bytes(), sets[0].list_file, mode.prime_s)
+        bench.prime(name, sets[0].files[0].read_bytes(), sets[0].list_file, mode.prime_s, settle_s=mode.settle_s)
         runs = [(s, c) for s in sets for c in mode.levels]
         for s, c in runs:
             bench.warm(name, s.files[0].read_bytes(), n=1)  # returns once the last run's queue has drained
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tqdm(total=runs, desc="served", leave=False) as progress:
             print("[4/6] stock TorchServe image_classifier", file=sys.stderr)
             for workers, threads in stock.settings(mode.name == "full"):
-                with Bench(work / f"ts-stock-{workers}", store, env=stock.server_env(threads)) as bench:
+                with stock.server(work / f"ts-stock-{workers}", store, threads) as bench:
                     served += measure_server(bench, "stock", "stock", stock_mar.name, "fp32", 1, sets, mode,
                                              progress, workers, threads, open_loop)
             print("[5/6] this project's handler", file=sys.stderr)
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[6/6] light load side by side: stock and ours at 1 connection, {mode.light_rounds} rounds in turn",
               file=sys.stderr)
         light = light_load.measure(work, store, stock_mar, ours[0].mar, ours[0].workers, ours[0].threads, sets,
-                                   mode.light_rounds, mode.light_s, mode.name == "full")
+                                   mode.light_rounds, mode.light_s, mode.name == "full", mode.settle_s)
     finally:
         if args.keep:
             print(f"work dir kept: {work}", file=sys.stderr)

@@ -7,6 +7,7 @@ benchmark instance only, so each configuration is loaded, measured alone and unl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -56,14 +57,20 @@ def parse_prometheus(text: str, model: str) -> dict[str, float]:
 Load = TypeVar("Load", wrk_throughput.LoadResult, open_loop.OpenLoopResult)
 
 PRIME_S = 3.0  # seconds of unreported load per archive (Bench.prime)
+SETTLE_S = 90.0  # at most this much more for a fresh frontend's JIT to go quiet (Bench.prime)
+SETTLE_STEP_S = 2.0
+SETTLED_SHARE = 0.05  # quiet: the compiler threads used under 5% of a core over a step
+COMPILER_THREADS = ("C1 CompilerThre", "C2 CompilerThre")  # HotSpot's names, cut to 15 characters by Linux
 
 
 class Bench:
     """One TorchServe instance for a series of measurements; always stopped by `close`."""
 
-    def __init__(self, workdir: Path, store: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, store: Path, env: dict[str, str] | None = None,
+                 builtin_logging: bool = False) -> None:
         overrides = {"enable_model_api": "true", "load_models": "", "job_queue_size": "1000"}
-        self.ts = TorchServe(workdir, store, overrides, env=env)
+        self.ts = TorchServe(workdir, store, overrides, env=env, builtin_logging=builtin_logging)
+        self.settled = False  # the frontend's JIT has gone quiet (prime with settle_s)
 
     def __enter__(self) -> Bench:
         try:
@@ -100,14 +107,34 @@ class Bench:
                 raise RuntimeError(f"{name} answered {r.status_code} to a warm-up request: {r.text[:300]}\n"
                                    f"{self.ts.log_tail()}")
 
-    def prime(self, name: str, body: bytes, list_file: Path, seconds: float = PRIME_S, concurrency: int = 4) -> None:
+    def prime(self, name: str, body: bytes, list_file: Path, seconds: float = PRIME_S, concurrency: int = 4,
+              settle_s: float = 0.0) -> None:
         """Once per archive, before its first measured point: warm-up requests (a failure stops here, unmeasured),
-        then a short closed loop that is not reported, so the frontend's JIT compiles its request path and the
-        workers run their batch shapes (a fresh JVM's first seconds spend cores on compiling: 1-connection points
-        taken then moved by ±10%)."""
+        then a short closed loop that is not reported, so the workers run their batch shapes. With `settle_s`, a
+        fresh frontend gets more of that loop, in SETTLE_STEP_S steps, until its JIT compilers go quiet (at most
+        `settle_s`): HotSpot's C2 keeps compiling the request path for 30-40 s of load, and until then takes
+        ~13% of this 2-core VM and its points run ~13% slower (python -m benchmarks.frontend_warmup)."""
         self.warm(name, body)
-        wrk_throughput.run(self.ts.api.url("inference", f"/predictions/{name}"), self.ts.api.keys["inference"],
-                           list_file, concurrency, seconds)
+        url, key = self.ts.api.url("inference", f"/predictions/{name}"), self.ts.api.keys["inference"]
+        wrk_throughput.run(url, key, list_file, concurrency, seconds)
+        deadline = time.monotonic() + settle_s
+        while not self.settled and time.monotonic() < deadline:
+            before = compiler_cpu_seconds(self.frontend_pid())
+            wrk_throughput.run(url, key, list_file, concurrency, SETTLE_STEP_S)
+            self.settled = compiler_cpu_seconds(self.frontend_pid()) - before < SETTLED_SHARE * SETTLE_STEP_S
+
+    def group(self) -> int:
+        """The launcher's process group: the Java frontend and the workers."""
+        return self.ts.proc.pid if self.ts.proc else os.getpgid(0)
+
+    def frontend_pid(self) -> int:
+        """The Java frontend's pid."""
+        group = self.group()
+        for p in psutil.process_iter(["name"]):
+            with contextlib.suppress(ProcessLookupError, psutil.Error):
+                if "java" in (p.info["name"] or "") and os.getpgid(p.pid) == group:
+                    return p.pid
+        raise RuntimeError(f"no Java frontend in process group {group}\n{self.ts.log_tail()}")
 
     def measure(self, name: str, list_file: Path, concurrency: int, duration_s: float
                 ) -> tuple[wrk_throughput.LoadResult, dict[str, Any]]:
@@ -134,7 +161,7 @@ class Bench:
         api = self.ts.api
         before = parse_prometheus(api.metrics(), name)
         logged = len(self.ts.logs("access_log.log").splitlines())
-        group = self.ts.proc.pid if self.ts.proc else os.getpgid(0)
+        group = self.group()
         cpu_before, gen_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
         result = load()
         wall = time.monotonic() - t0
@@ -160,6 +187,17 @@ def cpu_seconds(group: int) -> dict[str, float]:
         except (ProcessLookupError, psutil.Error):
             continue
     return out
+
+
+def compiler_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds so far of a JVM's JIT compiler threads."""
+    ticks = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "comm").read_text().strip().startswith(COMPILER_THREADS):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.served import Bench
 from benchmarks.tools import ensure_captum
 from handlers.contract import TORCHSCRIPT_FILE, CardError, ModelCard
 
@@ -32,11 +33,13 @@ def settings(full: bool = True) -> list[tuple[int, str]]:
     return [(1, "default")] + ([(cores, "1")] if full and cores > 1 else [])
 
 
-def server_env(threads: str) -> dict[str, str]:
-    """The environment a stock TorchServe needs: captum for its handler, and the setting's OMP_NUM_THREADS. OpenMP
-    spins as it does out of the box (the harness starts every server with our OPENMP_ENV otherwise)."""
-    return {"PYTHONPATH": str(ensure_captum()), **LIBGOMP_DEFAULT,
-            **({"OMP_NUM_THREADS": threads} if threads != "default" else {})}
+def server(workdir: Path, store: Path, threads: str) -> Bench:
+    """A stock TorchServe for one setting: captum for its handler, the setting's OMP_NUM_THREADS, OpenMP spinning
+    as it does out of the box (the harness starts every server with our OPENMP_ENV otherwise) and TorchServe's
+    built-in logging."""
+    env = {"PYTHONPATH": str(ensure_captum()), **LIBGOMP_DEFAULT,
+           **({"OMP_NUM_THREADS": threads} if threads != "default" else {})}
+    return Bench(workdir, store, env=env, builtin_logging=True)
 
 
 def build(model_dir: Path, store: Path, name: str = "stock") -> Path:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from benchmarks import inputs, stock
 from benchmarks.archives import ROOT, BuildError, build_ours
 from benchmarks.environment import machine
-from benchmarks.served import PRIME_S, Bench
+from benchmarks.served import PRIME_S, SETTLE_S, Bench
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
 from handlers.machine import cpu_label
 from harness.open_loop import ensure_locust
@@ -221,7 +221,7 @@ def build_archives(variant_dir: Path, base_config: Path, grid: list[dict[str, An
 
 
 def sweep(bench: Bench, grid: list[dict[str, Any]], archives: list[Path], which: list[int], loads: list[int],
-          duration: float, digits: inputs.InputSet, round_: int) -> list[dict[str, Any]]:
+          duration: float, digits: inputs.InputSet, round_: int, settle_s: float = 0.0) -> list[dict[str, Any]]:
     """Load and measure the settings `which` at each load, one after another; one row per (setting, load)."""
     rows = []
     body = digits.files[0].read_bytes()
@@ -230,7 +230,7 @@ def sweep(bench: Bench, grid: list[dict[str, Any]], archives: list[Path], which:
             s, name = grid[i], f"t{i}"
             load_s = bench.register(name, archives[i].name)
             try:
-                bench.prime(name, body, digits.list_file, min(PRIME_S, duration))
+                bench.prime(name, body, digits.list_file, min(PRIME_S, duration), settle_s=settle_s)
                 for c in loads:
                     bench.warm(name, body, n=1)  # returns once the last load's queue has drained
                     result, server = bench.measure(name, digits.list_file, c, duration)
@@ -245,15 +245,16 @@ def sweep(bench: Bench, grid: list[dict[str, Any]], archives: list[Path], which:
 
 
 def stock_curve(model_dir: Path, loads: list[int], duration: float, work: Path,
-                digits: inputs.InputSet) -> list[dict[str, Any]]:
+                digits: inputs.InputSet, settle_s: float = 0.0) -> list[dict[str, Any]]:
     """Stock TorchServe on the same fp32 TorchScript at each load: its default (1 worker) and one
     single-threaded worker per core, the better req/s at each load."""
     mar = stock.build(model_dir, work / "store", "stock")
     rows: dict[int, dict[str, Any]] = {}
     for workers, threads in stock.settings():
-        with Bench(work / f"ts-stock-{workers}", work / "store", env=stock.server_env(threads)) as bench:
+        with stock.server(work / f"ts-stock-{workers}", work / "store", threads) as bench:
             bench.register("stock", mar.name, workers=workers)
-            bench.prime("stock", digits.files[0].read_bytes(), digits.list_file, min(PRIME_S, duration))
+            bench.prime("stock", digits.files[0].read_bytes(), digits.list_file, min(PRIME_S, duration),
+                        settle_s=settle_s)
             for c in tqdm(loads, desc=f"stock, {workers} worker(s)", leave=False):
                 bench.warm("stock", digits.files[0].read_bytes(), n=1)
                 result, _ = bench.measure("stock", digits.list_file, c, duration)
@@ -414,16 +415,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loads = args.loads or ([1, 8] if q else [1, 4, 16, 64])
     duration = args.duration or (2 if q else 5)
     parent = None if q else stock_model(args.variant_dir)
+    settle_s = 0.0 if q else SETTLE_S
     if args.tail_share > 0:
         ensure_locust()  # before the long steps, so a failed install stops the run early
     work = Path(tempfile.mkdtemp(prefix="tune-"))
     try:
         digits = inputs.digits(args.variant_dir, work / "inputs", limit=32 if q else None)
-        stock_rows = stock_curve(parent, loads, duration, work, digits) if parent else []
+        stock_rows = stock_curve(parent, loads, duration, work, digits, settle_s) if parent else []
         reference = {r["concurrency"]: r["rps"] for r in stock_rows if r["rps"] > 0}
         archives = build_archives(args.variant_dir, args.config, grid, work, args.device)
         with Bench(work / "ts", work / "store") as bench:
-            rows = sweep(bench, grid, archives, list(range(len(grid))), loads, duration, digits, 1)
+            rows = sweep(bench, grid, archives, list(range(len(grid))), loads, duration, digits, 1, settle_s)
             for r in range(2, 2 + (args.runoff if args.runoff is not None else 0 if q else 2)):
                 close = contenders(score(rows, args.p99_ms, reference), args.margin)
                 if len(close) < 2:
