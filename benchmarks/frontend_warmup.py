@@ -65,7 +65,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
               color="tab:red", label="JIT compilers, % of a core")
     share.set_ylabel("JIT compilers, % of a core")
     ax.set_title(f"A fresh TorchServe frontend: {report['variant']} on {report['cpu']}", fontsize=9)
-    fig.legend(loc="lower right", fontsize=8)
+    ax.set_zorder(share.get_zorder() + 1)  # the line over the bars
+    ax.patch.set_visible(False)
+    (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), share.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
