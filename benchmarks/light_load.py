@@ -46,8 +46,9 @@ def measure(work: Path, store: Path, stock_mar: Path, ours_mar: Path, ours_worke
         servers.append(Server(bench, "ours_fp32", "ours", ours_workers, ours_threads))
         for s, mar in zip(servers, [stock_mar] * (len(servers) - 1) + [ours_mar], strict=True):
             s.bench.register(s.model, mar.name, workers=s.workers)
-            s.bench.prime(s.model, sets[0].files[0].read_bytes(), sets[0].list_file, min(PRIME_S, duration_s),
-                          settle_s=settle_s)
+            for input_set in sets:
+                s.bench.prime(s.model, input_set.files[0].read_bytes(), input_set.list_file,
+                              min(PRIME_S, duration_s), settle_s=settle_s)
         with tqdm(total=rounds * len(sets) * len(servers), desc="light load, in turn", leave=False) as progress:
             for r in range(rounds):
                 order = servers[r % len(servers):] + servers[:r % len(servers)]

@@ -77,7 +77,8 @@ def measure_server(bench: Bench, server: str, name: str, mar: str, variant: str,
     rows: list[dict[str, Any]] = []
     bench.register(name, mar, workers=workers)
     try:
-        bench.prime(name, sets[0].files[0].read_bytes(), sets[0].list_file, mode.prime_s, settle_s=mode.settle_s)
+        for s in sets:
+            bench.prime(name, s.files[0].read_bytes(), s.list_file, mode.prime_s, settle_s=mode.settle_s)
         runs = [(s, c) for s in sets for c in mode.levels]
         for s, c in runs:
             bench.warm(name, s.files[0].read_bytes(), n=1)  # returns once the last run's queue has drained

@@ -70,7 +70,6 @@ class Bench:
                  builtin_logging: bool = False) -> None:
         overrides = {"enable_model_api": "true", "load_models": "", "job_queue_size": "1000"}
         self.ts = TorchServe(workdir, store, overrides, env=env, builtin_logging=builtin_logging)
-        self.settled = False  # the frontend's JIT has gone quiet (prime with settle_s)
 
     def __enter__(self) -> Bench:
         try:
@@ -109,19 +108,23 @@ class Bench:
 
     def prime(self, name: str, body: bytes, list_file: Path, seconds: float = PRIME_S, concurrency: int = 4,
               settle_s: float = 0.0) -> None:
-        """Once per archive, before its first measured point: warm-up requests (a failure stops here, unmeasured),
-        then a short closed loop that is not reported, so the workers run their batch shapes. With `settle_s`, a
-        fresh frontend gets more of that loop, in SETTLE_STEP_S steps, until its JIT compilers go quiet (at most
-        `settle_s`): HotSpot's C2 keeps compiling the request path for 30-40 s of load, and until then takes
-        ~13% of this 2-core VM and its points run ~13% slower (python -m benchmarks.frontend_warmup)."""
+        """Once per archive and input set, before its first measured point: warm-up requests (a failure stops
+        here, unmeasured), then a short closed loop that is not reported, so the workers run their batch shapes.
+        With `settle_s`, the loop goes on in SETTLE_STEP_S steps until the frontend's JIT compilers are quiet over
+        one (at most `settle_s`). A fresh frontend's C2 compiles the request path for 30-40 s of load, taking
+        12-19% of a core of this 2-core VM, and its first points run up to a quarter slower
+        (python -m benchmarks.frontend_warmup); bigger bodies (the photos) take paths of their own."""
         self.warm(name, body)
         url, key = self.ts.api.url("inference", f"/predictions/{name}"), self.ts.api.keys["inference"]
         wrk_throughput.run(url, key, list_file, concurrency, seconds)
-        deadline = time.monotonic() + settle_s
-        while not self.settled and time.monotonic() < deadline:
-            before = compiler_cpu_seconds(self.frontend_pid())
+        if settle_s <= 0:
+            return
+        deadline, pid = time.monotonic() + settle_s, self.frontend_pid()
+        while time.monotonic() < deadline:
+            before = compiler_cpu_seconds(pid)
             wrk_throughput.run(url, key, list_file, concurrency, SETTLE_STEP_S)
-            self.settled = compiler_cpu_seconds(self.frontend_pid()) - before < SETTLED_SHARE * SETTLE_STEP_S
+            if compiler_cpu_seconds(pid) - before < SETTLED_SHARE * SETTLE_STEP_S:
+                break
 
     def group(self) -> int:
         """The launcher's process group: the Java frontend and the workers."""
