@@ -16,7 +16,8 @@ The URL's scheme picks the transport: http(s):// is the REST API, grpc:// TorchS
 give the same predictions and the same typed errors.
 
 Retries (with exponential backoff and full jitter) happen only where a request cannot have been
-served: connection errors, 503 (no free worker / queue full) and 507 (worker out of memory).
+served: connection errors, 503 (no free worker / queue full), 507 (worker out of memory) and TorchServe's
+"Worker died." for the batch a worker was running when it died.
 A 4xx is the caller's mistake and a read timeout may already have been processed: neither is retried.
 """
 
@@ -44,6 +45,10 @@ from deploy.grpc_stubs import StubsError, load
 from handlers.contract import KEY_FILE, KeyFileError, read_key
 
 RETRY_STATUS = frozenset({503, 507})
+# TorchServe's answer to every request of the batch a worker was running when it died: 507 when the frontend has
+# already seen the exit code 137 (kill -9, the OOM killer), 500 when it has not yet (a race in WorkerThread).
+# Never answered by the model, and a prediction has no side effects, so it is retried like 503.
+WORKER_DIED = "Worker died."
 AUTH_HINT = ("send the 'inference' key from key_file.json (written by TorchServe in the directory it was "
              "started from) as the token")
 DEFAULT_URLS = {"http": "http://127.0.0.1:8080", "grpc": "grpc://127.0.0.1:7070"}
@@ -83,11 +88,11 @@ class AuthError(ClientError):
 
 
 class ServerError(PredictionError):
-    """5xx other than 503/507 (e.g. inference failed in the handler); not retried."""
+    """5xx other than 503/507 and a worker's death (e.g. inference failed in the handler); not retried."""
 
 
 class ServerBusy(PredictionError):
-    """503/507 on every attempt: no free worker, queue full, or out of memory."""
+    """503/507 or a worker's death on every attempt: no free worker, queue full, or out of memory."""
 
 
 class ServerUnavailable(PredictionError):
@@ -142,10 +147,15 @@ def server_message(response: requests.Response) -> tuple[str, str | None]:
     return body_message(response.content, response.reason or f"HTTP {response.status_code}")
 
 
+def retryable(reply: Reply) -> bool:
+    """The request cannot have been served: 503, 507, or its worker died under it."""
+    return reply.status in RETRY_STATUS or (reply.status >= 500 and body_message(reply.body, "")[0] == WORKER_DIED)
+
+
 def error_for(reply: Reply, attempts: int) -> PredictionError:
     message, code = body_message(reply.body, reply.reason or f"HTTP {reply.status}")
     status = reply.status
-    if status in RETRY_STATUS:
+    if retryable(reply):
         return ServerBusy(message, status, code, attempts)
     if status == 401 or (status == 400 and "token" in message.lower()):
         return AuthError(f"{message} ({AUTH_HINT})", status, code, attempts)
@@ -352,7 +362,7 @@ class InferenceClient:
             except NoAnswer as e:
                 raise RequestTimeout(str(e), attempts=attempt) from e
             latency_ms = (time.perf_counter() - started) * 1000
-            if reply.status in RETRY_STATUS and attempt <= self.retries:
+            if retryable(reply) and attempt <= self.retries:
                 time.sleep(self.delay(attempt, reply.retry_after))
                 continue
             if not 200 <= reply.status < 300:

@@ -6,6 +6,7 @@ server saw, not what the client says about itself.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -19,9 +20,13 @@ from deploy.client import (
     ClientError,
     InferenceClient,
     Prediction,
+    Reply,
     RequestTimeout,
     ServerBusy,
+    ServerError,
     ServerUnavailable,
+    error_for,
+    retryable,
 )
 from harness.torchserve import TorchServe, free_port
 from tests.conftest import serve_scalable
@@ -107,6 +112,16 @@ def test_read_timeout_is_not_retried(ts: TorchServe, images: list[tuple[bytes, s
     with client(ts, timeout=(2.0, 0.001), retries=4) as c, pytest.raises(RequestTimeout) as err:
         c.predict(images[0][0])
     assert err.value.attempts == 1
+
+
+def test_a_request_whose_worker_died_is_retried_whatever_status_torchserve_gave() -> None:
+    """TorchServe's body for the batch of a worker that died: 500 or 507, depending on a race in its frontend."""
+    died = json.dumps({"code": 500, "type": "InternalServerException", "message": "Worker died."}).encode()
+    failed = json.dumps({"code": 500, "type": "InternalServerException", "message": "Prediction failed"}).encode()
+    assert retryable(Reply(500, died)) and retryable(Reply(507, died)) and retryable(Reply(503, failed))
+    assert not retryable(Reply(500, failed)) and not retryable(Reply(400, died))
+    assert isinstance(error_for(Reply(500, died), 4), ServerBusy)
+    assert type(error_for(Reply(500, failed), 1)) is ServerError
 
 
 def test_connection_refused_is_retried_then_typed() -> None:
