@@ -96,6 +96,7 @@ def test_train_cli_refuses_to_overwrite_and_explains(tiny_model: Path) -> None:
     assert "already holds a checkpoint" in result.stderr and "--overwrite" in result.stderr
 
 
+@pytest.mark.slow  # a fault test (~40 s: three short trainings), with the other fault tests in the slow tier
 def test_a_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     """Killed (SIGKILL, as an OOM kill or a lost VM would) after its first epoch, the run continues with --resume and
     ends bit-identical to one that was never interrupted."""
