@@ -12,7 +12,7 @@ import os
 import re
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -133,10 +133,9 @@ class Bench:
     def frontend_pid(self) -> int:
         """The Java frontend's pid."""
         group = self.group()
-        for p in psutil.process_iter(["name"]):
-            with contextlib.suppress(ProcessLookupError, psutil.Error):
-                if "java" in (p.info["name"] or "") and os.getpgid(p.pid) == group:
-                    return p.pid
+        for role, p in processes(group):
+            if role == "frontend":
+                return p.pid
         raise RuntimeError(f"no Java frontend in process group {group}\n{self.ts.log_tail()}")
 
     def measure(self, name: str, list_file: Path, concurrency: int, duration_s: float
@@ -175,20 +174,25 @@ class Bench:
         return result, {**server_side(before, after), **frontend, **cpu_profile(cpu, result.requests, wall)}
 
 
+def processes(group: int) -> Iterator[tuple[str, psutil.Process]]:
+    """TorchServe's processes in a process group, each with its role: "frontend" (Java) or "workers" (Python)."""
+    for p in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if os.getpgid(p.pid) != group:
+                continue
+            if "java" in (p.info["name"] or ""):
+                yield "frontend", p
+            elif "model_service_worker" in " ".join(p.info["cmdline"] or []):
+                yield "workers", p
+
+
 def cpu_seconds(group: int) -> dict[str, float]:
     """User+system CPU seconds so far of TorchServe's processes: the Java frontend and the Python workers."""
     out = {"frontend": 0.0, "workers": 0.0}
-    for p in psutil.process_iter(["name", "cmdline"]):
-        try:
-            if os.getpgid(p.pid) != group:
-                continue
-            role = "frontend" if "java" in (p.info["name"] or "") else (
-                "workers" if "model_service_worker" in " ".join(p.info["cmdline"] or []) else None)
-            if role:
-                t = p.cpu_times()
-                out[role] += t.user + t.system
-        except (ProcessLookupError, psutil.Error):
-            continue
+    for role, p in processes(group):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            t = p.cpu_times()
+            out[role] += t.user + t.system
     return out
 
 
