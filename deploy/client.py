@@ -42,6 +42,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from deploy.grpc_stubs import StubsError, load
+from deploy.keys import fresh_key
 from handlers.contract import KEY_FILE, KeyFileError, read_key
 
 RETRY_STATUS = frozenset({503, 507})
@@ -125,6 +126,9 @@ class Transport(Protocol):
     def send(self, model: str, version: str | None, image: bytes) -> Reply:
         """One request; raises Unreachable or NoAnswer where there is no Reply."""
 
+    def set_token(self, token: str) -> None:
+        """Send `token` from now on (TorchServe renewed its key)."""
+
     def close(self) -> None: ...
 
 
@@ -152,12 +156,17 @@ def retryable(reply: Reply) -> bool:
     return reply.status in RETRY_STATUS or (reply.status >= 500 and body_message(reply.body, "")[0] == WORKER_DIED)
 
 
+def refused_token(reply: Reply) -> bool:
+    """TorchServe refused the token: REST answers 400 InvalidKeyException, gRPC PERMISSION_DENIED (401 here)."""
+    return reply.status == 401 or (reply.status == 400 and "token" in body_message(reply.body, "")[0].lower())
+
+
 def error_for(reply: Reply, attempts: int) -> PredictionError:
     message, code = body_message(reply.body, reply.reason or f"HTTP {reply.status}")
     status = reply.status
     if retryable(reply):
         return ServerBusy(message, status, code, attempts)
-    if status == 401 or (status == 400 and "token" in message.lower()):
+    if refused_token(reply):
         return AuthError(f"{message} ({AUTH_HINT})", status, code, attempts)
     if 400 <= status < 500:
         return ClientError(message, status, code, attempts)
@@ -188,6 +197,9 @@ class HttpTransport:
         except requests.Timeout as e:
             raise NoAnswer(f"no answer from {url} within {self.timeout[1]}s") from e
         return Reply(r.status_code, r.content, r.reason or "", r.headers.get("Retry-After"))
+
+    def set_token(self, token: str) -> None:
+        self.headers = {**self.headers, "Authorization": f"Bearer {token}"}  # one swap: threads share it
 
     def close(self) -> None:
         self.session.close()
@@ -272,6 +284,9 @@ class GrpcTransport:
             return self.error_reply(e, model)
         return Reply(item_status(response.prediction), response.prediction)
 
+    def set_token(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
     def error_reply(self, error: grpc.RpcError, model: str) -> Reply:
         """What the REST API would have answered; raises NoAnswer or Unreachable where it would have raised."""
         call = cast(grpc.Call, error)  # what a call raises is also a grpc.Call, which has the status
@@ -305,9 +320,15 @@ class InferenceClient:
 
     def __init__(self, base_url: str, token: str | None = None, timeout: tuple[float, float] = (3.0, 30.0),
                  retries: int = 3, backoff: float = 0.1, max_backoff: float = 5.0, model: str = "digits",
-                 pool_size: int = 16) -> None:
+                 pool_size: int = 16, key_file: Path | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # With `key_file` (TorchServe's key_file.json), the token is read from it, and read again when TorchServe
+        # refuses it: its keys expire and are renewed (deploy/keys.py).
+        self.key_file = key_file
+        if token is None and key_file is not None:
+            token = read_key(key_file, "inference")
         self.token = token
+        self._token_lock = threading.Lock()
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -327,7 +348,21 @@ class InferenceClient:
 
     @classmethod
     def from_key_file(cls, base_url: str, key_file: Path, **kwargs: Any) -> InferenceClient:
-        return cls(base_url, read_key(key_file, "inference"), **kwargs)
+        return cls(base_url, key_file=key_file, **kwargs)
+
+    def renewed_token(self, sent: str | None) -> bool:
+        """After TorchServe refused `sent`: True once the key file holds a newer key, which is sent from now on."""
+        if self.key_file is None or sent is None:
+            return False
+        with self._token_lock:
+            if self.token != sent:  # another thread has already picked up the new key
+                return True
+            key = fresh_key(self.key_file, "inference", sent)
+            if key is None:
+                return False
+            self.token = key
+            self.transport.set_token(key)
+            return True
 
     def close(self) -> None:
         self.transport.close()
@@ -349,9 +384,11 @@ class InferenceClient:
     def predict(self, image: bytes, version: str | None = None, model: str | None = None) -> Prediction:
         """Classify one encoded image with `version` (default: the model's default version)."""
         attempt = 0
+        renewed = False
         while True:
             attempt += 1
             started = time.perf_counter()
+            sent = self.token
             try:
                 reply = self.transport.send(model or self.model, version, image)
             except Unreachable as e:
@@ -362,6 +399,9 @@ class InferenceClient:
             except NoAnswer as e:
                 raise RequestTimeout(str(e), attempts=attempt) from e
             latency_ms = (time.perf_counter() - started) * 1000
+            if refused_token(reply) and not renewed and self.renewed_token(sent):
+                renewed = True  # once: a token the server still refuses is wrong, not renewed
+                continue
             if retryable(reply) and attempt <= self.retries:
                 time.sleep(self.delay(attempt, reply.retry_after))
                 continue
@@ -414,9 +454,8 @@ def main() -> None:
         ap.error(f"--transport {args.transport} does not match the URL {url}")
     token = os.environ.get("TS_INFERENCE_TOKEN")
     try:
-        token = token or read_key(args.token_file, "inference")
         images = [p.read_bytes() for p in args.images]
-        client = InferenceClient(url, token, model=args.model)
+        client = InferenceClient(url, token, model=args.model, key_file=None if token else args.token_file)
     except (OSError, KeyFileError, ValueError, StubsError) as e:
         sys.exit(f"error: {e}")
     with client:

@@ -24,10 +24,11 @@ class Context:
     store: Path
     state: State
     progress: bool
+    key_file: Path | None = None  # where a renewed inference key is read again (None: the token came from TS_*)
 
     def client(self, model: str) -> InferenceClient:
         return InferenceClient(self.inference_url, self.inference_token, model=model, timeout=(3.0, 60.0),
-                               retries=3, backoff=0.2)
+                               retries=3, backoff=0.2, key_file=self.key_file)
 
 
 def cmd_list(ctx: Context, model: str | None = None) -> list[dict[str, Any]]:

@@ -110,8 +110,9 @@ def run(args: argparse.Namespace) -> None:
     mgmt = Management(args.management, read_token(args.token_file, "management", "TS_TOKEN"), args.token_file)
     needs_inference = args.cmd in ("canary", "rollout")
     token = read_token(args.token_file, "inference", "TS_INFERENCE_TOKEN") if needs_inference else None
+    key_file = None if os.environ.get("TS_INFERENCE_TOKEN") else args.token_file
     ctx = Context(mgmt, args.inference, token, args.store, State(args.state or args.store / STATE_FILE),
-                  args.progress)
+                  args.progress, key_file)
     if args.cmd == "list":
         cmd_list(ctx, args.model)
     elif args.cmd == "register":
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
         cmd_wait(ctx, args.models, args.timeout, args.all_workers)
     elif args.cmd == "rollout" and args.watch:
         images = [read_image(p) for p in args.watch]
-        with InferenceClient(args.inference, token) as client:
+        with InferenceClient(args.inference, token, key_file=key_file) as client:
             watch = Watch(client, images, args.watch_rate)
             try:
                 with watch:

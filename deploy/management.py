@@ -14,6 +14,7 @@ from typing import Any
 import requests
 
 from deploy.client import server_message
+from deploy.keys import fresh_key, is_refused_key
 from handlers.contract import KeyFileError, read_key
 
 START_HINT = "start the operator profile from the repo root: torchserve --start --ts-config deploy/operator.properties"
@@ -61,16 +62,27 @@ class Management:
         self.url = url.rstrip("/")
         self.token_file = token_file
         self.session = requests.Session()
+        self.token = token
         self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def call(self, method: str, path: str, timeout: float = 60, **params: Any) -> Any:
+    def send(self, method: str, path: str, timeout: float, params: dict[str, Any]) -> requests.Response:
         try:
-            r = self.session.request(method, self.url + path, params=params or None, timeout=timeout)
+            return self.session.request(method, self.url + path, params=params or None, timeout=timeout)
         except requests.ConnectionError:
             raise Unreachable(f"TorchServe is not running at {self.url} (connection refused); {START_HINT}, "
                               "or point --management at it") from None
         except requests.Timeout:
             raise DeployError(f"TorchServe at {self.url} did not answer {method} {path} in {timeout:.0f}s") from None
+
+    def call(self, method: str, path: str, timeout: float = 60, **params: Any) -> Any:
+        r = self.send(method, path, timeout, params)
+        if is_refused_key(r.status_code, r.content):
+            # Renewed since this token was read (TorchServe's keys expire): once more with the key file's new key.
+            key = fresh_key(self.token_file, "management", self.token)
+            if key is not None:
+                self.token = key
+                self.session.headers["Authorization"] = f"Bearer {key}"
+                r = self.send(method, path, timeout, params)
         if r.ok:
             try:
                 return r.json()

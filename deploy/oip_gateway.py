@@ -46,6 +46,7 @@ from aiohttp import web
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from deploy.keys import fresh_key, is_refused_key
 from deploy.management import DeployError, Management, NotFound, Unreachable, handler_description
 from handlers.contract import KEY_FILE, KeyFileError, read_key
 from handlers.protocols import BINARY_HEADER, NUMERIC
@@ -189,17 +190,26 @@ class Upstream:
 
     async def infer(self, model: str, version: str | None, body: bytes,
                     headers: dict[str, str]) -> tuple[int, bytes]:
-        assert self.session is not None
         url = f"{self.inference}/predictions/{model}" + (f"/{version}" if version else "")
         headers = self.upstream_headers(headers)
+        status, answer = await self.post(url, body, headers)
+        if self.client_token is not None and is_refused_key(status, answer):
+            # Our own key, renewed since it was read (deploy/keys.py): once more with the new one.
+            stale = headers["Authorization"].removeprefix("Bearer ")
+            key = await asyncio.to_thread(fresh_key, self.key_file, "inference", stale)
+            if key is not None:
+                status, answer = await self.post(url, body, {**headers, "Authorization": f"Bearer {key}"})
+        # TorchServe refuses a token with 400 InvalidKeyException; the protocol's answer is 401 / UNAUTHENTICATED.
+        return (401 if is_refused_key(status, answer) else status), answer
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        assert self.session is not None
         try:
             async with self.session.post(url, data=body, headers=headers) as r:
-                answer = await r.read()
+                return r.status, await r.read()
         except aiohttp.ClientError as e:
             raise GatewayError(503, f"TorchServe at {self.inference} did not answer ({type(e).__name__}); "
                                "retry, or check that it runs") from None
-        # TorchServe refuses a token with 400 InvalidKeyException; the protocol's answer is 401 / UNAUTHENTICATED.
-        return (401 if r.status == 400 and b"InvalidKeyException" in answer else r.status), answer
 
 
 def error_message(status: int, body: bytes) -> str:
@@ -251,18 +261,17 @@ def rest_app(upstream: Upstream) -> web.Application:
         ok = await upstream.model_ready(model, version_of(request))
         return web.json_response({"name": model, "ready": ok}, status=200 if ok else 503)
 
-    async def infer(request: web.Request) -> web.Response:
-        forwarded = {k: v for k, v in request.headers.items()
-                     if k.lower() in ("authorization", "content-type", BINARY_HEADER)}
-        status, body = await upstream.infer(request.match_info["model"], version_of(request),
-                                            await request.read(), forwarded)
+    async def forward(request: web.Request, headers: tuple[str, ...]) -> web.Response:
+        forwarded = {k: v for k, v in request.headers.items() if k.lower() in headers}
+        payload = await request.read()
+        status, body = await upstream.infer(request.match_info["model"], version_of(request), payload, forwarded)
         return web.Response(status=status, body=body, content_type="application/json")
 
+    async def infer(request: web.Request) -> web.Response:
+        return await forward(request, ("authorization", "content-type", BINARY_HEADER))
+
     async def predictions(request: web.Request) -> web.Response:
-        forwarded = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
-        status, body = await upstream.infer(request.match_info["model"], version_of(request),
-                                            await request.read(), forwarded)
-        return web.Response(status=status, body=body, content_type="application/json")
+        return await forward(request, ("authorization", "content-type"))
 
     app = web.Application(client_max_size=MAX_MESSAGE)
     routes = [("GET", "/v2/health/live", live), ("GET", "/v2/health/ready", ready), ("GET", "/v2", server_metadata)]

@@ -4,6 +4,8 @@ TorchServe's inference and management APIs stay on loopback inside the replica. 
 door: OIP REST/gRPC and TorchServe's own `/predictions` routes, checked against one shared client token
 (a Kubernetes Secret), since TorchServe makes fresh random keys at every start and replicas never share them.
 Health routes (`/v2/health/live`, `/v2/health/ready`) need no token, for probes and balancers.
+TorchServe's own keys expire (token_expiration_min): the pod renews them at half their lifetime (deploy/keys.py),
+and the gateway re-reads key_file.json, so neither readiness nor a request lapses.
 
 On SIGTERM (Kubernetes deleting the pod, a rolling update): the gateway answers ready=503 at once and keeps
 serving for --drain-s seconds, so balancers stop sending before anything stops; then TorchServe stops. If
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import psutil
 
+from deploy.keys import KeyRenewer, expiration_min
 from handlers.contract import KEY_FILE, KeyFileError, read_key
 from handlers.cores import OPENMP_ENV
 
@@ -145,12 +148,15 @@ class Pod:
         self.ports = dict(zip(INTERNAL_PORTS, args.internal_ports, strict=True))
         self.torchserve: subprocess.Popen[bytes] | None = None
         self.gateway: subprocess.Popen[bytes] | None = None
+        self.renewer: KeyRenewer | None = None
         self.stopping = False
 
     def start_torchserve(self) -> None:
         tmp = self.home / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        props = server_properties(self.ports, self.args.metrics, self.args.model_store.resolve(), tmp)
+        overrides = {} if self.args.token_expiration_min is None else {
+            "token_expiration_min": str(self.args.token_expiration_min)}
+        props = server_properties(self.ports, self.args.metrics, self.args.model_store.resolve(), tmp, overrides)
         (self.home / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.home / KEY_FILE).unlink(missing_ok=True)  # a stale file would hold the last start's keys
         cmd = torchserve_command("config.properties", self.args.model_store.resolve())
@@ -159,7 +165,7 @@ class Pod:
         while True:
             try:
                 read_key(self.home / KEY_FILE, "inference")
-                return
+                break
             except KeyFileError:
                 if self.torchserve.poll() is not None:
                     raise SystemExit(f"pod: TorchServe exited with {self.torchserve.returncode} while starting; "
@@ -168,6 +174,10 @@ class Pod:
                     raise SystemExit(f"pod: TorchServe wrote no {KEY_FILE} in {self.args.start_timeout:.0f} s; "
                                      f"see {self.home / 'logs' / 'ts_log.log'}") from None
                 time.sleep(0.2)
+        # TorchServe's keys expire (token_expiration_min); the gateway re-reads the file the renewer keeps fresh.
+        self.renewer = KeyRenewer(props["management_address"], self.home / KEY_FILE, expiration_min(props), log=log)
+        self.renewer.start()
+        log(f"renewing TorchServe's keys every {self.renewer.interval:g} s")
 
     def start_gateway(self) -> None:
         cmd = [sys.executable, "-m", "deploy.oip_gateway",
@@ -187,6 +197,8 @@ class Pod:
         terminate(self.gateway, self.args.drain_s + 15)
         if self.torchserve is not None:
             stop_group(self.torchserve)
+        if self.renewer is not None:
+            self.renewer.stop()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -231,6 +243,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-s", type=float, default=float(env("DRAIN_SECONDS", "10")),
                    help="on SIGTERM, seconds to keep serving while ready answers 503 (env DRAIN_SECONDS)")
     p.add_argument("--start-timeout", type=float, default=180, help="seconds TorchServe may take to start")
+    p.add_argument("--token-expiration-min", type=float,
+                   default=float(env("TOKEN_EXPIRATION_MIN")) if env("TOKEN_EXPIRATION_MIN") else None,
+                   help="lifetime of TorchServe's keys in minutes (default: config.properties'); the pod renews "
+                        "them at half of it (env TOKEN_EXPIRATION_MIN)")
     args = p.parse_args(argv)
     if len(args.internal_ports) != len(INTERNAL_PORTS):
         p.error(f"--internal-ports needs {len(INTERNAL_PORTS)} ports: {','.join(INTERNAL_PORTS)}")

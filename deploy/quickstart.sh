@@ -33,12 +33,10 @@ else step "quick model: resnet18 @ 64 px, 3 epochs on the bundled digits"
 [[ -f "$QUICK/model.pt" ]] || { step "export the quick model to TorchScript (parity-checked)"; python -m training.export "$QUICK"; }
 [[ -f model_store/digits-1.0.mar ]] || ./build_mar.sh "$QUICK" --name digits --version 1.0 --archive digits-1.0
 
-step "serve: torchserve --start --ts-config deploy/operator.properties (versions go in through deploy.deploy)"
-rm -f key_file.json  # TorchServe writes fresh keys at start; an old file would hold stale ones
+step "serve: torchserve --start --ts-config deploy/operator.properties, and its key renewer (deploy/serve.sh)"
 # The workers inherit this environment: the OpenMP setting the handler's core lease needs (handlers/cores.py).
 eval "$(python -c 'from handlers.cores import OPENMP_ENV; print(*(f"export {k}=${{{k}:-{v}}}" for k, v in OPENMP_ENV.items()))')"
-torchserve --start --ts-config deploy/operator.properties --ncs >/dev/null
-for _ in $(seq 120); do [[ -f key_file.json ]] && break; sleep 0.5; done
+bash deploy/serve.sh deploy/operator.properties
 python -m deploy.deploy --no-progress register digits-1.0.mar
 python -m deploy.deploy wait digits --timeout 180
 python - <<'PY'

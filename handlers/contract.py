@@ -16,6 +16,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,13 +379,21 @@ def git_commit() -> str:
 
 
 def read_key(path: Path | str, api: str) -> str:
-    """One API key ("inference" or "management") from TorchServe's key_file.json."""
+    """One API key ("inference", "management" or "API") from TorchServe's key_file.json."""
     try:
-        key = json.loads(Path(path).read_text())[api]["key"]
+        # TorchServe rewrites the file in place when it renews a key: wait out a half-written one.
+        keys: Any = None
+        for _ in range(20):
+            try:
+                keys = json.loads(Path(path).read_text())
+                break
+            except ValueError:
+                time.sleep(0.025)
+        key = keys[api]["key"]
     except FileNotFoundError:
         raise KeyFileError(f"{path} not found; TorchServe writes {KEY_FILE} in the directory it was started from "
                            "(token auth is on)") from None
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         raise KeyFileError(f"{path} has no readable '{api}' key; is it TorchServe's {KEY_FILE}?") from None
     if not isinstance(key, str) or not key:
         raise KeyFileError(f"{path} has an empty '{api}' key; restart TorchServe to write a new {KEY_FILE}")

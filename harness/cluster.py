@@ -21,7 +21,7 @@ import requests
 
 from deploy.balancer import BACKEND, haproxy_config
 from deploy.client import InferenceClient, PredictionError
-from deploy.pod import terminate
+from deploy.pod import INTERNAL_PORTS, terminate
 from harness.tools import debian_tool
 from harness.torchserve import ROOT, free_ports
 
@@ -57,12 +57,14 @@ class Replica:
     """One replica at 127.0.0.N: `python -m deploy.pod`, the command the container's entrypoint runs."""
 
     def __init__(self, name: str, host: str, store: Path, workdir: Path, token_file: Path, drain_s: float = 3.0,
-                 cpus: Sequence[int] | None = None) -> None:
+                 cpus: Sequence[int] | None = None, pod_args: Sequence[str] = ()) -> None:
         self.name, self.host, self.store, self.token_file = name, host, store, token_file
         self.workdir = workdir / name
         self.drain_s = drain_s
         self.cpus = cpus  # a CPU limit, as a pod's cpuset would set it
+        self.pod_args = list(pod_args)  # more of deploy.pod's options
         self.port = free_port_on(host)
+        self.internal: dict[str, int] = {}  # TorchServe's own loopback ports, as deploy.pod names them
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,11 +75,12 @@ class Replica:
         """Start (or restart, as a kubelet would) on `store` (default: the last one); returns at once."""
         self.store = store or self.store
         self.workdir.mkdir(parents=True, exist_ok=True)
-        internal = ",".join(map(str, free_ports(4)))
+        self.internal = dict(zip(INTERNAL_PORTS, free_ports(len(INTERNAL_PORTS)), strict=True))
         cmd = [sys.executable, "-m", "deploy.pod", "--model-store", str(self.store), "--home", str(self.workdir),
                "--client-token", str(self.token_file), "--http", self.address,
                "--grpc", f"{self.host}:{free_port_on(self.host)}", "--metrics", f"127.0.0.1:{free_ports(1)[0]}",
-               "--internal-ports", internal, "--drain-s", str(self.drain_s)]
+               "--internal-ports", ",".join(map(str, self.internal.values())), "--drain-s", str(self.drain_s),
+               *self.pod_args]
         with open(self.workdir / "pod.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,

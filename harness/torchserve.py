@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from deploy.keys import KeyRenewer, expiration_min
 from deploy.management import DeployError, Management
 from deploy.pod import server_properties, stop_group, torchserve_command, torchserve_env
 from handlers.contract import KEY_FILE, KeyFileError, read_key
@@ -56,6 +57,7 @@ class TorchServe:
         self.props = props
         self.proc: subprocess.Popen[bytes] | None = None
         self._api: ServerApi | None = None
+        self.renewer: KeyRenewer | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, wait_for: list[str] | None = None, timeout: float = 180) -> TorchServe:
@@ -89,6 +91,9 @@ class TorchServe:
                     raise TimeoutError(f"TorchServe wrote no {KEY_FILE} in {timeout:.0f}s\n{self.log_tail()}") from None
                 time.sleep(0.2)
         self._api = ServerApi({api: self.url(api) for api in self.ports}, keys)
+        # Keys expire (token_expiration_min) as in production: renewed as deploy.pod does, and handed to `api`.
+        self.renewer = KeyRenewer(self.url("management"), key_file, expiration_min(self.props),
+                                  on_renew=self._api.keys.update).start()
         self.wait(wait_for or [], deadline - time.monotonic())
         return self
 
@@ -105,6 +110,9 @@ class TorchServe:
             mgmt.session.close()
 
     def stop(self) -> None:
+        if self.renewer is not None:
+            self.renewer.stop()
+            self.renewer = None
         if self.proc is not None:
             # The whole group, so that a restart on the same work directory finds no server still running there.
             stop_group(self.proc)
