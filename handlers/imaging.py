@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pillow_heif
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode
@@ -24,13 +25,21 @@ from handlers.errors import InputError
 # _route), else by PIL. PNG is always PIL's: torchvision 0.29's decode_png segfaults the worker on any libpng error
 # past the header (a corrupt IDAT, a bad filter byte), so one damaged upload would kill a whole batch; and it drops
 # tRNS and returns 16-bit samples as uint16. MPO is a JPEG with more pictures appended (phones): the first is shown.
+# Phones and browsers: HEIF/HEIC (iPhone cameras; the pillow-heif plugin, which applies the file's rotation and
+# mirroring and resets the EXIF orientation to 1), AVIF (Pillow, which hands irot/imir back as the EXIF orientation
+# applied below) and JPEG 2000 (Pillow; no EXIF).
 TORCHVISION_FORMATS = {"JPEG", "WEBP", "GIF"}
-PIL_FORMATS = {"PNG", "BMP", "TIFF"}
+PIL_FORMATS = {"PNG", "BMP", "TIFF", "HEIF", "AVIF", "JPEG2000"}
 ALIASES = {"MPO": "JPEG"}
 SUPPORTED = ", ".join(sorted(TORCHVISION_FORMATS | PIL_FORMATS))
 DEFAULT_MAX_PIXELS = 40_000_000
 MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
-         b"MM\x00*": "TIFF"}
+         b"MM\x00*": "TIFF", b"\x00\x00\x00\x0cjP  ": "JPEG2000", b"\xffO\xffQ": "JPEG2000"}
+# ISO-BMFF brands (bytes 8-12, after the ftyp box's size and type).
+BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIF", b"heix": "HEIF", b"heim": "HEIF", b"heis": "HEIF",
+          b"hevc": "HEIF", b"hevx": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF"}
+# The main picture only; one decode thread, as a worker's threads are leased per core (handlers/cores.py).
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False, decode_threads=1)
 
 # Transparent pixels are composited over black (source-over, straight alpha), whatever RGB they store.
 # Why black: it is the web platform's own rule for flattening (HTML: a canvas exported to an opaque format is
@@ -61,6 +70,8 @@ def sniff(data: bytes | bytearray) -> str | None:
     head = bytes(data[:12])
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in BRANDS:
+        return BRANDS[head[8:12]]
     return next((fmt for magic, fmt in MAGIC.items() if head.startswith(magic)), None)
 
 
@@ -101,7 +112,8 @@ def inspect_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise InputError(
             "too_many_pixels", f"image declares too many pixels ({e}); the limit is {max_pixels}", 413
         ) from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, KeyError, IndexError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, KeyError, IndexError, RuntimeError) as e:
+        # RuntimeError: Pillow's AVIF and pillow-heif's decoders on a damaged file
         claimed = sniff(data)
         if claimed:
             raise InputError("corrupt_image", f"the {claimed} image is truncated or corrupt: {e}") from e

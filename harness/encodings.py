@@ -3,7 +3,8 @@
 `encodings(picture)` gives name -> Encoding(data, reference, lossy). `reference` is the canonical 8-bit RGB PNG of
 the picture a correct decoder must show for `data` (the picture itself, or what the format can hold of it: its
 gray levels, a palette, a threshold), so every encoding carries its own expected pixels; `lossy` marks codecs
-that may move pixels a little (JPEG, lossy WEBP). Stdlib, numpy and PIL only: nothing from handlers/ or tests/.
+that may move pixels a little (JPEG, lossy WEBP, HEIF, AVIF). Stdlib, numpy, PIL and its HEIF plugin only: nothing
+from handlers/ or tests/.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
+import pillow_heif
 from PIL import Image
+
+pillow_heif.register_heif_opener()  # HEIF/HEIC, as phones write it (Pillow itself writes AVIF and JPEG 2000)
 
 # The colour a decoder composites transparent pixels over (handlers/imaging.py ALPHA_BACKGROUND): the encodings
 # with transparency are "the same picture" only under that rule, and their references are computed with it.
@@ -172,6 +176,12 @@ def encodings(image: np.ndarray | Image.Image) -> dict[str, Encoding]:
     tiff_cmyk          CMYK TIFF
     tiff_1bit_g4       1-bit CCITT group 4 TIFF of the thresholded picture (document scanners, fax)
     tiff_exif_o2..o8   TIFF with an Orientation tag
+    heic               HEIF/HEIC, quality 90 (the iPhone camera's default format)
+    heic_exif_o2..o8   HEIC with an EXIF orientation (the plugin stores it as the file's rotation and mirroring)
+    avif               AVIF, quality 90, 4:4:4 (browsers, Android)
+    avif_exif_o2..o8   AVIF with an EXIF orientation (Pillow stores it as irot/imir)
+    jp2                JPEG 2000 in its JP2 container, lossless
+    j2k                JPEG 2000 codestream, lossless
     """
     rgb = _as_rgb(image)
     picture = Image.fromarray(rgb, "RGB")
@@ -184,7 +194,7 @@ def encodings(image: np.ndarray | Image.Image) -> dict[str, Encoding]:
         p256_ref=png_rgb8(np.asarray(p256.convert("RGB"))),
     )
     out: dict[str, Encoding] = {}
-    for family in (_png, _jpeg, _webp, _gif, _bmp, _tiff):
+    for family in (_png, _jpeg, _webp, _gif, _bmp, _tiff, _phone):
         out.update(family(ctx))
     return out
 
@@ -292,4 +302,15 @@ def _tiff(c: _Context) -> dict[str, Encoding]:
                                  c.binary_ref, False),
     }
     out.update({f"tiff_exif_{k}": Encoding(v, c.canonical, False) for k, v in _oriented(c, "TIFF").items()})
+    return out
+
+
+def _phone(c: _Context) -> dict[str, Encoding]:
+    heic = {"heic": save(c.picture, "HEIF", quality=90)}
+    heic.update({f"heic_exif_{k}": v for k, v in _oriented(c, "HEIF", quality=90).items()})
+    avif = {"avif": save(c.picture, "AVIF", quality=90, subsampling="4:4:4")}
+    avif.update({f"avif_exif_{k}": v for k, v in _oriented(c, "AVIF", quality=90, subsampling="4:4:4").items()})
+    out = {k: Encoding(v, c.canonical, True) for k, v in {**heic, **avif}.items()}
+    out["jp2"] = Encoding(save(c.picture, "JPEG2000", irreversible=False), c.canonical, False)
+    out["j2k"] = Encoding(save(c.picture, "JPEG2000", irreversible=False, no_jp2=True), c.canonical, False)
     return out
