@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.policy
 import hmac
 import json
 import signal
 import struct
 import sys
 import time
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +202,10 @@ class Upstream:
             key = await asyncio.to_thread(fresh_key, self.key_file, "inference", stale)
             if key is not None:
                 status, answer = await self.post(url, body, {**headers, "Authorization": f"Bearer {key}"})
+        if status == 413 and not answer:  # TorchServe's frontend says nothing more
+            answer = json.dumps({"error": f"the request body is {len(body)} bytes, over TorchServe's "
+                                          "max_request_size (config.properties); send a smaller or more compressed "
+                                          "image"}).encode()
         # TorchServe refuses a token with 400 InvalidKeyException; the protocol's answer is 401 / UNAUTHENTICATED.
         return (401 if is_refused_key(status, answer) else status), answer
 
@@ -210,6 +217,28 @@ class Upstream:
         except aiohttp.ClientError as e:
             raise GatewayError(503, f"TorchServe at {self.inference} did not answer ({type(e).__name__}); "
                                "retry, or check that it runs") from None
+
+
+def form_mistake(content_type: str, body: bytes) -> GatewayError | None:
+    """Bodies TorchServe's frontend answers with a 500 (ErrorDataDecoderException) though the client is at fault:
+    raw bytes sent as a URL-encoded form (curl --data-binary without a Content-Type) and multipart bodies it cannot
+    split into named fields."""
+    if content_type == "application/x-www-form-urlencoded":
+        return GatewayError(415, "the body was sent as application/x-www-form-urlencoded (curl's default for -d and "
+                                 "--data-binary); send image bytes with 'Content-Type: application/octet-stream' "
+                                 "(or image/png, image/jpeg), or JSON with 'Content-Type: application/json'")
+    if content_type.startswith("multipart/"):
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace") + body)
+        parts = message.get_payload() if message.is_multipart() else None
+        if not parts or message.defects or any(
+                not isinstance(p, EmailMessage) or not p.get_param("name", header="content-disposition")
+                for p in parts):
+            return GatewayError(400, "the multipart body could not be split into named fields; send one part "
+                                     "per image with 'Content-Disposition: form-data; name=\"data\"' (curl -F "
+                                     "data=@image.png), or the image bytes alone with 'Content-Type: "
+                                     "application/octet-stream'")
+    return None
 
 
 def error_message(status: int, body: bytes) -> str:
@@ -235,6 +264,9 @@ def rest_app(upstream: Upstream) -> web.Application:
             return await handler(request)
         except GatewayError as e:
             return error(e.status, e.message)
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"the request body is over the gateway's limit of {MAX_MESSAGE} bytes; send a "
+                              "smaller or more compressed image")
 
     def version_of(request: web.Request) -> str | None:
         return request.match_info.get("version")
@@ -264,6 +296,10 @@ def rest_app(upstream: Upstream) -> web.Application:
     async def forward(request: web.Request, headers: tuple[str, ...]) -> web.Response:
         forwarded = {k: v for k, v in request.headers.items() if k.lower() in headers}
         payload = await request.read()
+        mistake = await asyncio.to_thread(form_mistake, request.content_type, payload)
+        if mistake is not None:
+            upstream.check_token(request.headers.get("Authorization"))  # no hints for callers without a token
+            raise mistake
         status, body = await upstream.infer(request.match_info["model"], version_of(request), payload, forwarded)
         return web.Response(status=status, body=body, content_type="application/json")
 

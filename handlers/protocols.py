@@ -82,6 +82,9 @@ def as_json(body: Any) -> Any:
             return json.loads(body)
         except json.JSONDecodeError as e:
             raise InputError("bad_json", f"body is not valid JSON: {e}") from e
+        except RecursionError as e:  # nesting deeper than Python's parser recurses: the body's shape, not a bug
+            raise InputError("bad_json", "body nests JSON arrays or objects too deep to parse; send a flat body "
+                             "(base64 image bytes, or a tensor of at most a few dimensions)") from e
     return body
 
 
@@ -106,6 +109,12 @@ class Raw(Protocol):
 
     def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         if body is None:
+            sent = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+            if "form" in sent:  # TorchServe split the body as a form and found no field named data or body
+                raise InputError("empty_body", f"the body was sent as a form ({sent.split(';')[0]}: curl's default "
+                                 "for -d and --data-binary) with no field named 'data'; send image bytes with "
+                                 "'Content-Type: application/octet-stream', or a multipart field 'data' "
+                                 "(curl -F data=@image.png)")
             raise InputError("empty_body", "the request has no body; send image bytes or JSON")
         if isinstance(body, (bytes, bytearray)) and len(body) > max_bytes:
             raise InputError("body_too_large", f"body is {len(body)} bytes; the limit is {max_bytes}", 413)

@@ -47,6 +47,7 @@ def corpus(good_image: torch.Tensor, input_size: int, max_bytes: int) -> list[Ba
         BadInput("tensor_wrong_shape", {"data": torch.zeros(3, 5, 5).tolist()}, 422, "wrong_shape",
                  "application/json"),
         BadInput("tensor_nan", {"data": nan_tensor.tolist()}, 422, "non_finite", "application/json"),
+        BadInput("json_nested_deep", b"[" * 300_000 + b"]" * 300_000, 400, "bad_json", "application/json"),
         BadInput("json_wrong_key", {"picture": base64.b64encode(png).decode()}, 400, "bad_request_key",
                  "application/json"),
     ]

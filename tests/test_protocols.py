@@ -225,6 +225,43 @@ def test_a_bad_item_fails_alone_in_every_protocol(server, gateway, digits) -> No
     assert server.api.worker_pids(model) == pids
 
 
+def test_client_mistakes_get_a_4xx_json_at_the_front_door_and_spare_their_batch(server, gateway, digits) -> None:
+    """What curl users and hostile clients send, through the gateway (the pod's front door) while good requests
+    share the batches; and, pinned down for the README, what bare TorchServe's frontend answers instead."""
+    model = "digits_batched"
+    limit = int(server.props["max_request_size"])
+    key = server.api.keys["inference"]
+    mistakes = {  # body, content type, the gateway's status
+        "deep JSON": (b"[" * 300_000 + b"]" * 300_000, "application/json", 400),
+        "raw bytes sent form-encoded": (digits[0] + b"%zz", "application/x-www-form-urlencoded", 415),
+        "over max_request_size": (digits[0] + b"\0" * limit, "application/octet-stream", 413),
+        "multipart without a field name": (b"--xx\r\n\r\n" + digits[0] + b"\r\n--xx--\r\n",
+                                           "multipart/form-data; boundary=xx", 400),
+    }
+
+    def post(base: str, body: bytes, content_type: str) -> requests.Response:
+        return requests.post(f"{base}/predictions/{model}", data=body, timeout=60,
+                             headers={"Authorization": f"Bearer {key}", "Content-Type": content_type})
+
+    good = [(digits[i], "image/png") for i in range(12)]
+    want = [server.api.predict(model, png).json()["label"] for png, _ in good]
+    sent = [(body, ct) for body, ct, _ in mistakes.values()] + good
+    with cf.ThreadPoolExecutor(len(sent)) as pool:
+        answers = list(pool.map(lambda item: post(f"http://{gateway.rest}", *item), sent))
+    for (name, (_, _, status)), r in zip(mistakes.items(), answers, strict=False):
+        assert r.status_code == status and r.headers["Content-Type"].startswith("application/json"), (name, r.text)
+        message = json.dumps(r.json())
+        assert "send" in message, (name, message)  # says what to send instead
+    assert [(r.status_code, r.json()["label"]) for r in answers[len(mistakes):]] == [(200, w) for w in want]
+
+    bare = {name: post(server.url("inference"), body, ct) for name, (body, ct, _) in mistakes.items()}
+    assert bare["deep JSON"].status_code == 400  # our handler's answer
+    assert bare["raw bytes sent form-encoded"].status_code == 500
+    assert "ErrorDataDecoderException" in bare["raw bytes sent form-encoded"].text
+    assert bare["over max_request_size"].status_code == 413 and bare["over max_request_size"].content == b""
+    assert bare["multipart without a field name"].status_code == 500
+
+
 # --- what browsers and mail clients send ---------------------------------------------------------------
 def test_data_uris_and_base64_line_breaks(server, digits) -> None:
     want = server.api.predict("digits", digits[1]).json()["label"]
