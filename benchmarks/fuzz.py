@@ -1,0 +1,292 @@
+"""Coverage-guided fuzzing (atheris, libFuzzer's engine) of every parser and decoder a client's bytes reach: the
+handler's protocols (raw image bytes of every format, base64 and data URIs, JSON tensors, KServe v1, OIP JSON and
+binary) as TorchServe's worker hands them over, and the gateway's check of form and multipart bodies.
+
+A finding is an exception out of the handler, an input that runs over 1 s (libFuzzer's -timeout), a 5xx for a
+client's body, or a well-formed neighbour in the same batch that does not get its 200. Findings are saved under
+--findings; copy each into tests/fuzz_findings/ and tests/test_fuzz.py replays it.
+
+    python -m benchmarks.fuzz model_store/digits-1.0.mar --runs 1000000     # the campaign docs/reliability.md cites
+    python -m benchmarks.fuzz model_store/digits-1.0.mar --seconds 60        # bounded: what the tests run
+    python -m benchmarks.fuzz model_store/digits-1.0.mar --replay tests/fuzz_findings
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from handlers.cores import OPENMP_ENV
+from handlers.machine import cpu_label, fingerprint
+from handlers.protocols import BINARY_HEADER
+from harness.encodings import encodings
+
+ROOT = Path(__file__).resolve().parent.parent
+NEIGHBOUR_EVERY = 64  # one input in this many shares its batch with a good image, which must still get its 200
+STATS = re.compile(r"#(\d+)\s+(?:DONE|pulse|NEW|REDUCE|INITED)\s+cov: (\d+) ft: (\d+) corp: (\d+)/\S+.*?exec/s: (\d+)")
+
+
+IN_PROGRESS = "in-progress"  # the input being judged; kept as hang-<sha1> if the process dies on it
+
+
+class Finding(Exception):
+    """The server's answer to a client's body was wrong (a 5xx, a lost neighbour, a response count)."""
+
+
+def b64(payload: bytes) -> str:
+    return base64.b64encode(payload).decode()
+
+
+def as_worker_body(body: bytes, content_type: str) -> Any:
+    """What TorchServe's worker hands the handler: JSON bodies already parsed where they parse, else the bytes."""
+    if content_type == "application/json":
+        try:
+            return json.loads(body.decode("utf-8"))
+        except Exception:  # noqa: BLE001 - the worker forwards the raw bytes on any failure
+            return bytearray(body)
+    return bytearray(body)
+
+
+Request = tuple[bytes, str, dict[str, str]]  # body, content type, extra headers
+
+
+def oip_binary(payload: bytes) -> Request:
+    """A BYTES input in the binary-data extension: a JSON header, then the length-prefixed element."""
+    element = struct.pack("<I", len(payload)) + payload
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(element)}}]}).encode()
+    return header + element, "application/octet-stream", {BINARY_HEADER: str(len(header))}
+
+
+def oip_binary_raw(payload: bytes) -> Request:
+    """The extension with a fuzzed header: its length from the first two bytes."""
+    n = int.from_bytes(payload[:2].ljust(2, b"\0"), "little") % (len(payload) + 1)
+    return payload[2:], "application/octet-stream", {BINARY_HEADER: str(n)}
+
+
+def as_json(value: Any) -> Request:
+    return json.dumps(value).encode(), "application/json", {}
+
+
+# Each shape turns the fuzzer's bytes (after the first, which picks the shape) into one request.
+SHAPES: list[Callable[[bytes], Request]] = [
+    lambda p: (p, "application/octet-stream", {}),
+    lambda p: (p, "application/json", {}),
+    lambda p: as_json({"data": b64(p)}),
+    lambda p: (b"data:image/png;base64," + b64(p).encode(), "text/plain", {}),
+    lambda p: as_json({"instances": [{"b64": b64(p)}]}),
+    lambda p: as_json({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(p)]}]}),
+    oip_binary,
+    oip_binary_raw,
+]
+GATEWAY_SHAPE = len(SHAPES)  # the gateway's front door: form and multipart bodies
+FORM_TYPES = ("multipart/form-data; boundary=xx", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def seeds(input_size: int) -> list[bytes]:
+    """Real inputs to start from: one held-out digit in every encoding, in every shape, plus JSON bodies."""
+    digit = np.repeat(load_digits().images[0].astype(np.uint8)[:, :, None] * 16, 3, axis=2)
+    corpus = [e.data for e in encodings(digit).values()]
+    png = corpus[0]
+    out = [bytes([0]) + data for data in corpus]
+    out += [bytes([shape]) + png for shape in range(2, len(SHAPES))]
+    tensor = np.zeros((3, input_size, input_size)).tolist()
+    flat = np.zeros(3 * input_size * input_size).tolist()
+    for body in ({"data": tensor}, {"data": b64(png), "return_logits": True}, {"instances": [{"b64": b64(png)}]},
+                 {"inputs": [{"name": "input", "shape": [1, 3, input_size, input_size], "datatype": "FP32",
+                              "data": flat}], "outputs": [{"name": "labels"}]},
+                 {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(png)]}]}):
+        out.append(bytes([1]) + json.dumps(body).encode())
+    multipart = (b"--xx\r\nContent-Disposition: form-data; name=\"data\"; filename=\"d.png\"\r\n"
+                 b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--xx--\r\n")
+    out += [bytes([GATEWAY_SHAPE, 0]) + multipart, bytes([GATEWAY_SHAPE, 1]) + b"data=abc%20d"]
+    return out
+
+
+class Target:
+    """One fuzz input -> one request through the real handler in-process (or the gateway's check), judged."""
+
+    def __init__(self, archive: Path, findings: Path | None = None, limit_s: float = 1.0) -> None:
+        from deploy.oip_gateway import GatewayError, form_mistake
+        from handlers.image_classifier import ImageClassifier
+        from harness.context import call, make_context, unpack_mar
+
+        self.call, self.form_mistake, self.gateway_error = call, form_mistake, GatewayError
+        self.handler = ImageClassifier()
+        self.context = make_context(unpack_mar(archive, Path(tempfile.mkdtemp(prefix="fuzz-"))))
+        self.handler.initialize(self.context)
+        self.input_size = self.handler.card.input.image_size
+        self.good = seeds(self.input_size)[0][1:]  # the digit as a PNG
+        self.findings = findings
+        if findings is not None:
+            findings.mkdir(parents=True, exist_ok=True)
+        self.limit_s = limit_s
+        self.inputs = 0
+
+    def __call__(self, data: bytes) -> None:
+        """Judge one input; a failing one is saved under `findings` (named by its sha1) before it is raised."""
+        self.inputs += 1
+        if self.findings is not None:  # where the campaign finds the input if a hang gets the process killed
+            (self.findings / IN_PROGRESS).write_bytes(data)
+        started = time.perf_counter()
+        try:
+            self.judge(data)
+            if time.perf_counter() - started > self.limit_s:
+                raise Finding(f"took {time.perf_counter() - started:.2f} s, over the {self.limit_s:g} s limit")
+        except Exception:
+            if self.findings is not None:
+                (self.findings / f"finding-{hashlib.sha1(data).hexdigest()}").write_bytes(data)
+                (self.findings / IN_PROGRESS).unlink()
+            raise
+
+    def judge(self, data: bytes) -> None:
+        if not data:
+            return
+        shape, payload = data[0] % (len(SHAPES) + 1), data[1:]
+        if shape == GATEWAY_SHAPE:
+            self.gateway(payload)
+            return
+        body, content_type, extra = SHAPES[shape](payload)
+        rows = [{"body": as_worker_body(body, content_type)}]
+        headers = [{"Content-Type": content_type, **extra}]
+        if self.inputs % NEIGHBOUR_EVERY == 0:
+            rows.append({"body": bytearray(self.good)})
+            headers.append({"Content-Type": "image/png"})
+        results = self.call(self.handler, self.context, rows, headers)
+        status, answer = results[0]
+        if status >= 500:
+            raise Finding(f"{status} for a client's body (shape {shape}): {str(answer)[:300]}")
+        if len(results) > 1 and results[1][0] != 200:
+            raise Finding(f"the good neighbour got {results[1][0]}: {str(results[1][1])[:300]}")
+
+    def gateway(self, payload: bytes) -> None:
+        content_type = FORM_TYPES[payload[0] % len(FORM_TYPES)] if payload else FORM_TYPES[0]
+        mistake = self.form_mistake(content_type, payload[1:])
+        if mistake is not None and not 400 <= mistake.status < 500:
+            raise Finding(f"the gateway answered {mistake.status} for a client's {content_type} body")
+
+
+def fuzz_worker(args: argparse.Namespace, libfuzzer: list[str]) -> None:
+    """In the child: the handler under atheris."""
+    import atheris
+
+    with atheris.instrument_imports(include=["handlers", "deploy"]):
+        target = Target(args.archive, args.findings, args.timeout)
+    corpus = Path(libfuzzer[-1])
+    for i, seed in enumerate(seeds(target.input_size)):  # the JSON tensors need the model's input size
+        (corpus / f"seed-{i:03d}").write_bytes(seed)
+    atheris.Setup([sys.argv[0], *libfuzzer], target)
+    atheris.Fuzz()
+
+
+def replay(args: argparse.Namespace) -> int:
+    target = Target(args.archive, limit_s=args.timeout)
+    failures = []
+    files = sorted(p for p in args.replay.iterdir() if p.is_file())
+    for path in files:
+        try:
+            target(path.read_bytes())
+        except Exception as e:  # noqa: BLE001 - every failing file is listed
+            failures.append(f"{path.name}: {type(e).__name__}: {str(e)[:300]}")
+    print(f"replayed {len(files)} inputs from {args.replay}: {len(failures)} failing")
+    for line in failures:
+        print("  " + line)
+    return 1 if failures else 0
+
+
+def campaign(args: argparse.Namespace) -> int:
+    """Run the fuzzer in a child process (libFuzzer exits its process), show its progress, and report."""
+    corpus = Path(tempfile.mkdtemp(prefix="fuzz-corpus-"))
+    args.findings.mkdir(parents=True, exist_ok=True)
+    (args.findings / IN_PROGRESS).unlink(missing_ok=True)
+    # libFuzzer's own timeout catches a true hang; the target itself flags anything over --timeout.
+    flags = [f"-timeout={max(5, round(5 * args.timeout))}", "-max_len=100000", "-rss_limit_mb=6144",
+             "-print_final_stats=1", f"-artifact_prefix={args.findings}/"]
+    flags += [f"-runs={args.runs}"] if args.runs else []
+    flags += [f"-max_total_time={args.seconds}"] if args.seconds else []
+    flags.append(str(corpus))  # last: the worker writes the seeds there
+    cmd = [sys.executable, "-m", "benchmarks.fuzz", str(args.archive), "--worker", "--findings", str(args.findings),
+           "--timeout", str(args.timeout), "--", *flags]
+    started = time.monotonic()
+    last: tuple[int, ...] | None = None
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**OPENMP_ENV, **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            m = STATS.search(line)
+            if m:
+                last = tuple(int(x) for x in m.groups())
+                if "pulse" in line or "DONE" in line:  # libFuzzer's own progress lines, every power of two
+                    print(f"fuzz: {last[0]:>9} inputs  cov {last[1]}  ft {last[2]}  corpus {last[3]}  "
+                          f"{last[4]} exec/s  {time.monotonic() - started:.0f} s", flush=True)
+    current = args.findings / IN_PROGRESS
+    if proc.returncode not in (0, 1) and current.exists():  # killed (libFuzzer's -timeout, or a signal) mid-input
+        current.rename(args.findings / f"hang-{hashlib.sha1(current.read_bytes()).hexdigest()}")
+    current.unlink(missing_ok=True)
+    findings = sorted(p.name for p in args.findings.iterdir()
+                      if p.name.startswith(("finding-", "hang-", "crash-", "timeout-", "oom-")))
+    report = {
+        "command": "python -m benchmarks.fuzz " + " ".join(sys.argv[1:]),
+        "archive": str(args.archive), "cpu": cpu_label(fingerprint()), "seconds": round(time.monotonic() - started, 1),
+        "inputs": last[0] if last else 0, "coverage_edges": last[1] if last else 0,
+        "features": last[2] if last else 0, "corpus": last[3] if last else 0,
+        "exec_per_s": last[4] if last else 0, "exit_code": proc.returncode, "findings": findings,
+        "timeout_s": args.timeout,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    if proc.returncode != 0 or findings:
+        print("\n".join(lines[-40:]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    own, libfuzzer = argv[:cut], argv[cut + 1:]  # after "--": libFuzzer's flags, for the worker
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("archive", type=Path, help="a .mar built by build_mar.sh (the handler and model under test)")
+    ap.add_argument("--runs", type=int, default=0, help="stop after this many inputs")
+    ap.add_argument("--seconds", type=int, default=0, help="stop after this many seconds")
+    ap.add_argument("--timeout", type=float, default=1.0, help="seconds one input may take before it is a finding")
+    ap.add_argument("--findings", type=Path, default=Path("artifacts/fuzz_findings"))
+    ap.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    ap.add_argument("--replay", type=Path, default=None, help="run every file in this folder once and judge it")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(own)
+    if not args.archive.is_file():
+        ap.error(f"archive {args.archive} not found: build one with build_mar.sh (the quick start writes "
+                 "model_store/digits-1.0.mar)")
+    if args.worker:
+        fuzz_worker(args, libfuzzer)
+        return 0
+    if args.replay is not None:
+        return replay(args)
+    if not (args.runs or args.seconds):
+        ap.error("give --runs N or --seconds S (or --replay DIR)")
+    return campaign(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
