@@ -195,10 +195,10 @@ class Pod:
     def shutdown(self) -> None:
         """The gateway first (it drains), then TorchServe: nothing in flight meets a stopped server."""
         terminate(self.gateway, self.args.drain_s + 15)
+        if self.renewer is not None:  # after the drain, which still needs live keys
+            self.renewer.stop()
         if self.torchserve is not None:
             stop_group(self.torchserve)
-        if self.renewer is not None:
-            self.renewer.stop()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
