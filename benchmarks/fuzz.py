@@ -121,7 +121,8 @@ def seeds(input_size: int) -> list[bytes]:
 class Target:
     """One fuzz input -> one request through the real handler in-process (or the gateway's check), judged."""
 
-    def __init__(self, archive: Path, findings: Path | None = None, limit_s: float = 1.0) -> None:
+    def __init__(self, archive: Path, findings: Path | None = None, limit_s: float = 1.0,
+                 in_progress: str = IN_PROGRESS) -> None:
         from deploy.oip_gateway import GatewayError, form_mistake
         from handlers.image_classifier import ImageClassifier
         from harness.context import call, make_context, unpack_mar
@@ -133,6 +134,7 @@ class Target:
         self.input_size = self.handler.card.input.image_size
         self.good = seeds(self.input_size)[0][1:]  # the digit as a PNG
         self.findings = findings
+        self.in_progress = in_progress
         if findings is not None:
             findings.mkdir(parents=True, exist_ok=True)
         self.limit_s = limit_s
@@ -142,7 +144,7 @@ class Target:
         """Judge one input; a failing one is saved under `findings` (named by its sha1) before it is raised."""
         self.inputs += 1
         if self.findings is not None:  # where the campaign finds the input if a hang gets the process killed
-            (self.findings / IN_PROGRESS).write_bytes(data)
+            (self.findings / self.in_progress).write_bytes(data)
         started = time.perf_counter()
         try:
             self.judge(data)
@@ -151,7 +153,7 @@ class Target:
         except Exception:
             if self.findings is not None:
                 (self.findings / f"finding-{hashlib.sha1(data).hexdigest()}").write_bytes(data)
-                (self.findings / IN_PROGRESS).unlink()
+                (self.findings / self.in_progress).unlink()
             raise
 
     def judge(self, data: bytes) -> None:
@@ -186,7 +188,7 @@ def fuzz_worker(args: argparse.Namespace, libfuzzer: list[str]) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["handlers", "deploy"]):
-        target = Target(args.archive, args.findings, args.timeout)
+        target = Target(args.archive, args.findings, args.timeout, args.in_progress)
     corpus = Path(libfuzzer[-1])
     for i, seed in enumerate(seeds(target.input_size)):  # the JSON tensors need the model's input size
         (corpus / f"seed-{i:03d}").write_bytes(seed)
@@ -209,53 +211,80 @@ def replay(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def campaign(args: argparse.Namespace) -> int:
-    """Run the fuzzer in a child process (libFuzzer exits its process), show its progress, and report."""
-    corpus = Path(tempfile.mkdtemp(prefix="fuzz-corpus-"))
-    args.findings.mkdir(parents=True, exist_ok=True)
-    (args.findings / IN_PROGRESS).unlink(missing_ok=True)
-    # libFuzzer's own timeout catches a true hang; the target itself flags anything over --timeout.
-    flags = [f"-timeout={max(5, round(5 * args.timeout))}", "-max_len=100000", "-rss_limit_mb=6144",
-             "-print_final_stats=1", f"-artifact_prefix={args.findings}/"]
-    flags += [f"-runs={args.runs}"] if args.runs else []
-    flags += [f"-max_total_time={args.seconds}"] if args.seconds else []
-    flags.append(str(corpus))  # last: the worker writes the seeds there
-    cmd = [sys.executable, "-m", "benchmarks.fuzz", str(args.archive), "--worker", "--findings", str(args.findings),
-           "--timeout", str(args.timeout), "--", *flags]
-    started = time.monotonic()
-    last: tuple[int, ...] | None = None
-    lines: list[str] = []
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**OPENMP_ENV, **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
+class Job:
+    """One libFuzzer process with a corpus and a seed of its own; libFuzzer exits its process, so it is a child."""
+
+    def __init__(self, args: argparse.Namespace, index: int) -> None:
+        self.index = index
+        self.in_progress = args.findings / f"{IN_PROGRESS}-{index}"
+        self.in_progress.unlink(missing_ok=True)
+        corpus = Path(tempfile.mkdtemp(prefix=f"fuzz-corpus-{index}-"))
+        # libFuzzer's own timeout catches a true hang; the target itself flags anything over --timeout.
+        flags = [f"-timeout={max(5, round(5 * args.timeout))}", "-max_len=100000", "-rss_limit_mb=6144",
+                 "-print_final_stats=1", f"-artifact_prefix={args.findings}/", f"-seed={index + 1}"]
+        flags += [f"-runs={args.runs // args.jobs}"] if args.runs else []
+        flags += [f"-max_total_time={args.seconds}"] if args.seconds else []
+        flags.append(str(corpus))  # last: the worker writes the seeds there
+        cmd = [sys.executable, "-m", "benchmarks.fuzz", str(args.archive), "--worker", "--findings",
+               str(args.findings), "--timeout", str(args.timeout), "--in-progress", self.in_progress.name, "--",
+               *flags]
+        self.log = open(args.findings / f"job-{index}.log", "w")  # noqa: SIM115 - closed in finish()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={
+            **OPENMP_ENV, **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        self.path = Path(self.log.name)
+        self.stats: tuple[int, ...] = (0, 0, 0, 0, 0)  # inputs, edges, features, corpus, exec/s
+
+    def poll(self) -> bool:
+        """Read the newest stats line; True while the job runs."""
+        for line in self.path.read_text(errors="replace").splitlines()[-50:]:
             m = STATS.search(line)
             if m:
-                last = tuple(int(x) for x in m.groups())
-                if "pulse" in line or "DONE" in line:  # libFuzzer's own progress lines, every power of two
-                    print(f"fuzz: {last[0]:>9} inputs  cov {last[1]}  ft {last[2]}  corpus {last[3]}  "
-                          f"{last[4]} exec/s  {time.monotonic() - started:.0f} s", flush=True)
-    current = args.findings / IN_PROGRESS
-    if proc.returncode not in (0, 1) and current.exists():  # killed (libFuzzer's -timeout, or a signal) mid-input
-        current.rename(args.findings / f"hang-{hashlib.sha1(current.read_bytes()).hexdigest()}")
-    current.unlink(missing_ok=True)
+                self.stats = tuple(int(x) for x in m.groups())
+        return self.proc.poll() is None
+
+    def finish(self) -> int:
+        self.proc.wait()
+        self.poll()
+        self.log.close()
+        if self.proc.returncode not in (0, 1) and self.in_progress.exists():  # killed mid-input: a hang
+            self.in_progress.rename(self.in_progress.with_name(
+                f"hang-{hashlib.sha1(self.in_progress.read_bytes()).hexdigest()}"))
+        self.in_progress.unlink(missing_ok=True)
+        return self.proc.returncode
+
+
+def campaign(args: argparse.Namespace) -> int:
+    """`--jobs` independent fuzzers, their progress every 30 s, and one report."""
+    args.findings.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    jobs = [Job(args, i) for i in range(args.jobs)]
+    next_report = 0.0
+    while any([job.poll() for job in jobs]):
+        if time.monotonic() - started >= next_report:
+            inputs = sum(job.stats[0] for job in jobs)
+            print(f"fuzz: {inputs:>9} inputs  cov {max(j.stats[1] for j in jobs)}  "
+                  f"{sum(j.stats[4] for j in jobs)} exec/s  {time.monotonic() - started:.0f} s", flush=True)
+            next_report += 30
+        time.sleep(1)
+    codes = [job.finish() for job in jobs]
     findings = sorted(p.name for p in args.findings.iterdir()
                       if p.name.startswith(("finding-", "hang-", "crash-", "timeout-", "oom-")))
     report = {
         "command": "python -m benchmarks.fuzz " + " ".join(sys.argv[1:]),
         "archive": str(args.archive), "cpu": cpu_label(fingerprint()), "seconds": round(time.monotonic() - started, 1),
-        "inputs": last[0] if last else 0, "coverage_edges": last[1] if last else 0,
-        "features": last[2] if last else 0, "corpus": last[3] if last else 0,
-        "exec_per_s": last[4] if last else 0, "exit_code": proc.returncode, "findings": findings,
-        "timeout_s": args.timeout,
+        "jobs": args.jobs, "inputs": sum(j.stats[0] for j in jobs),
+        "coverage_edges": max(j.stats[1] for j in jobs), "features": max(j.stats[2] for j in jobs),
+        "corpus": sum(j.stats[3] for j in jobs), "exec_per_s": sum(j.stats[4] for j in jobs),
+        "exit_codes": codes, "findings": findings, "timeout_s": args.timeout,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    if proc.returncode != 0 or findings:
-        print("\n".join(lines[-40:]), file=sys.stderr)
+    if any(codes) or findings:
+        for job in jobs:
+            print(f"--- {job.path} ---\n" + "\n".join(job.path.read_text(errors="replace").splitlines()[-30:]),
+                  file=sys.stderr)
         return 1
     return 0
 
@@ -273,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--findings", type=Path, default=Path("artifacts/fuzz_findings"))
     ap.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     ap.add_argument("--replay", type=Path, default=None, help="run every file in this folder once and judge it")
+    ap.add_argument("--jobs", type=int, default=1, help="independent fuzzers run side by side (default 1)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--in-progress", default=IN_PROGRESS, help=argparse.SUPPRESS)
     args = ap.parse_args(own)
     if not args.archive.is_file():
         ap.error(f"archive {args.archive} not found: build one with build_mar.sh (the quick start writes "

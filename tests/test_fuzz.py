@@ -37,5 +37,5 @@ def test_a_bounded_campaign_finds_nothing(model_store: Path, tmp_path: Path) -> 
                   "--out", str(report), timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     figures = json.loads(report.read_text())
-    assert figures["findings"] == [] and figures["exit_code"] == 0, figures
+    assert figures["findings"] == [] and figures["exit_codes"] == [0], figures
     assert figures["inputs"] > 500 and figures["coverage_edges"] > 100, figures
