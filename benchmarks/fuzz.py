@@ -235,11 +235,13 @@ class Job:
         self.stats: tuple[int, ...] = (0, 0, 0, 0, 0)  # inputs, edges, features, corpus, exec/s
 
     def poll(self) -> bool:
-        """Read the newest stats line; True while the job runs."""
-        for line in self.path.read_text(errors="replace").splitlines()[-50:]:
-            m = STATS.search(line)
-            if m:
-                self.stats = tuple(int(x) for x in m.groups())
+        """Read the newest stats line (from the log's tail: decoders' warnings can fill it); True while it runs."""
+        with open(self.path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 256_000))
+            tail = f.read().decode(errors="replace")
+        found = STATS.findall(tail)
+        if found:
+            self.stats = tuple(int(x) for x in found[-1])
         return self.proc.poll() is None
 
     def finish(self) -> int:
@@ -283,8 +285,9 @@ def campaign(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2))
     if any(codes) or findings:
         for job in jobs:
-            print(f"--- {job.path} ---\n" + "\n".join(job.path.read_text(errors="replace").splitlines()[-30:]),
-                  file=sys.stderr)
+            with open(job.path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4000))
+                print(f"--- {job.path} ---\n" + f.read().decode(errors="replace"), file=sys.stderr)
         return 1
     return 0
 

@@ -33,7 +33,7 @@ def test_every_saved_finding_now_gets_a_4xx_or_its_answer(model_store: Path) -> 
 
 def test_a_bounded_campaign_finds_nothing(model_store: Path, tmp_path: Path) -> None:
     report = tmp_path / "fuzz.json"
-    result = fuzz(str(model_store / "digits.mar"), "--seconds", "60", "--findings", str(tmp_path / "findings"),
+    result = fuzz(str(model_store / "digits.mar"), "--seconds", "45", "--findings", str(tmp_path / "findings"),
                   "--out", str(report), timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     figures = json.loads(report.read_text())
