@@ -31,12 +31,11 @@ from typing import Any
 import numpy as np
 from sklearn.datasets import load_digits
 
-from handlers.cores import OPENMP_ENV
-from handlers.machine import cpu_label, fingerprint
-from handlers.protocols import BINARY_HEADER
 from harness.encodings import encodings
 
 ROOT = Path(__file__).resolve().parent.parent
+# handlers/ is imported only in functions, never at the top: the worker imports it under atheris's instrumentation
+# (fuzz_worker), so that its coverage guides the fuzzer.
 NEIGHBOUR_EVERY = 64  # one input in this many shares its batch with a good image, which must still get its 200
 STATS = re.compile(r"#(\d+)\s+(?:DONE|pulse|NEW|REDUCE|INITED)\s+cov: (\d+) ft: (\d+) corp: (\d+)/\S+.*?exec/s: (\d+)")
 
@@ -67,6 +66,8 @@ Request = tuple[bytes, str, dict[str, str]]  # body, content type, extra headers
 
 def oip_binary(payload: bytes) -> Request:
     """A BYTES input in the binary-data extension: a JSON header, then the length-prefixed element."""
+    from handlers.protocols import BINARY_HEADER
+
     element = struct.pack("<I", len(payload)) + payload
     header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(element)}}]}).encode()
@@ -75,6 +76,8 @@ def oip_binary(payload: bytes) -> Request:
 
 def oip_binary_raw(payload: bytes) -> Request:
     """The extension with a fuzzed header: its length from the first two bytes."""
+    from handlers.protocols import BINARY_HEADER
+
     n = int.from_bytes(payload[:2].ljust(2, b"\0"), "little") % (len(payload) + 1)
     return payload[2:], "application/octet-stream", {BINARY_HEADER: str(n)}
 
@@ -189,6 +192,7 @@ def fuzz_worker(args: argparse.Namespace, libfuzzer: list[str]) -> None:
 
     with atheris.instrument_imports(include=["handlers", "deploy"]):
         target = Target(args.archive, args.findings, args.timeout, args.in_progress)
+
     corpus = Path(libfuzzer[-1])
     for i, seed in enumerate(seeds(target.input_size)):  # the JSON tensors need the model's input size
         (corpus / f"seed-{i:03d}").write_bytes(seed)
@@ -229,6 +233,8 @@ class Job:
                str(args.findings), "--timeout", str(args.timeout), "--in-progress", self.in_progress.name, "--",
                *flags]
         self.log = open(args.findings / f"job-{index}.log", "w")  # noqa: SIM115 - closed in finish()
+        from handlers.cores import OPENMP_ENV
+
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={
             **OPENMP_ENV, **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         self.path = Path(self.log.name)
@@ -257,6 +263,8 @@ class Job:
 
 def campaign(args: argparse.Namespace) -> int:
     """`--jobs` independent fuzzers, their progress every 30 s, and one report."""
+    from handlers.machine import cpu_label, fingerprint
+
     args.findings.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     jobs = [Job(args, i) for i in range(args.jobs)]
