@@ -138,13 +138,15 @@ class Target:
         self.good = seeds(self.input_size)[0][1:]  # the digit as a PNG
         self.findings = findings
         self.in_progress = in_progress
+        self.kinds: set[str] = set()  # the failures seen, by exception type and message with numbers masked
         if findings is not None:
             findings.mkdir(parents=True, exist_ok=True)
         self.limit_s = limit_s
         self.inputs = 0
 
     def __call__(self, data: bytes) -> None:
-        """Judge one input; a failing one is saved under `findings` (named by its sha1) before it is raised."""
+        """Judge one input. With `findings`, a failing input is saved there (the first of each kind of failure,
+        named by its sha1) and the campaign goes on; without, the failure is raised."""
         self.inputs += 1
         if self.findings is not None:  # where the campaign finds the input if a hang gets the process killed
             (self.findings / self.in_progress).write_bytes(data)
@@ -153,11 +155,14 @@ class Target:
             self.judge(data)
             if time.perf_counter() - started > self.limit_s:
                 raise Finding(f"took {time.perf_counter() - started:.2f} s, over the {self.limit_s:g} s limit")
-        except Exception:
-            if self.findings is not None:
+        except Exception as e:
+            if self.findings is None:
+                raise
+            kind = f"{type(e).__name__}: {re.sub(r'[0-9.]+', 'N', str(e))[:160]}"
+            if kind not in self.kinds:
+                self.kinds.add(kind)
                 (self.findings / f"finding-{hashlib.sha1(data).hexdigest()}").write_bytes(data)
-                (self.findings / self.in_progress).unlink()
-            raise
+                print(f"fuzz finding {len(self.kinds)}: {kind}", flush=True)
 
     def judge(self, data: bytes) -> None:
         if not data:

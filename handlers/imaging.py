@@ -196,7 +196,7 @@ def decode_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) 
         with known_deprecations():
             image = _tv_decode(buf, mode=ImageReadMode.RGB, apply_exif_orientation=fmt == "JPEG")
         return image[0] if image.ndim == 4 else image
-    except (RuntimeError, OSError, ValueError, SyntaxError) as e:
+    except (RuntimeError, OSError, ValueError, SyntaxError, TypeError) as e:  # TypeError: PIL on a TIFF's bad offsets
         raise InputError(
             "corrupt_image", f"the {fmt} image could not be decoded (truncated or corrupt): {e}".split("\n")[0]
         ) from e
@@ -226,6 +226,16 @@ def decode_jpegs_on(device: torch.device, blobs: list[torch.Tensor]) -> list[tor
         ]
 
 
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased resize to size x size. An image far taller than wide is resized lying on its side: torchvision's
+    uint8 pass down a few long columns is ~5x slower than along rows (an 8 x 2,097,160 TIFF took 0.5 s upright,
+    0.1 s on its side). Ordinary pictures never take that path, so their pixels stay exactly as before."""
+    h, w = image.shape[-2:]
+    if h > 64 * w:
+        return TF.resize(image.transpose(-1, -2), [size, size], antialias=True).transpose(-1, -2)
+    return TF.resize(image, [size, size], antialias=True)
+
+
 def resize_batch(images: list[torch.Tensor], size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [3, h, w] images of any sizes -> one uint8 batch [N, 3, size, size] on `device`."""
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
@@ -233,7 +243,7 @@ def resize_batch(images: list[torch.Tensor], size: int, device: torch.device | s
         if image.shape[-2:] == (size, size):
             out[i] = image
         else:
-            out[i] = TF.resize(image, [size, size], antialias=True)
+            out[i] = _resize(image, size)
     return out
 
 
