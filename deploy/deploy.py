@@ -107,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    mgmt = Management(args.management, read_token(args.token_file, "management", "TS_TOKEN"), args.token_file)
+    mgmt = Management(args.management, read_token(args.token_file, "management", "TS_TOKEN"),
+                      None if os.environ.get("TS_TOKEN") else args.token_file)
     needs_inference = args.cmd in ("canary", "rollout")
     token = read_token(args.token_file, "inference", "TS_INFERENCE_TOKEN") if needs_inference else None
     key_file = None if os.environ.get("TS_INFERENCE_TOKEN") else args.token_file

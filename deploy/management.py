@@ -58,7 +58,8 @@ def handler_description(described: Any) -> dict[str, Any] | None:
 
 
 class Management:
-    def __init__(self, url: str, token: str, token_file: Path) -> None:
+    def __init__(self, url: str, token: str, token_file: Path | None) -> None:
+        """`token_file` None: the token was given by hand (TS_TOKEN) and is never swapped for the key file's."""
         self.url = url.rstrip("/")
         self.token_file = token_file
         self.session = requests.Session()
@@ -76,7 +77,7 @@ class Management:
 
     def call(self, method: str, path: str, timeout: float = 60, **params: Any) -> Any:
         r = self.send(method, path, timeout, params)
-        if is_refused_key(r.status_code, r.content):
+        if self.token_file is not None and is_refused_key(r.status_code, r.content):
             # Renewed since this token was read (TorchServe's keys expire): once more with the key file's new key.
             key = fresh_key(self.token_file, "management", self.token)
             if key is not None:
@@ -92,7 +93,7 @@ class Management:
         if r.status_code == 401 or (r.status_code == 400 and "token" in message.lower()):
             raise DeployError(f"TorchServe refused the management token (HTTP {r.status_code}: {message}); use the "
                               f"'management' key of the key_file.json in the directory TorchServe was started from "
-                              f"(--token-file, now {self.token_file}, or TS_TOKEN)")
+                              f"(--token-file, or TS_TOKEN)")
         if r.status_code == 404:
             raise NotFound(message)
         if r.status_code == 405 and method == "POST" and path == "/models":
