@@ -33,6 +33,9 @@ PIL_FORMATS = {"PNG", "BMP", "TIFF", "HEIF", "AVIF", "JPEG2000"}
 ALIASES = {"MPO": "JPEG"}
 SUPPORTED = ", ".join(sorted(TORCHVISION_FORMATS | PIL_FORMATS))
 DEFAULT_MAX_PIXELS = 40_000_000
+# GIF holds 256 colours and no camera writes it; its decoder costs ~70 ns a pixel, so a 108-byte LZW bomb declaring
+# 34 MP took 2.5 s (benchmarks.fuzz). Real GIFs are far below this.
+GIF_MAX_PIXELS = 8_000_000
 MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
          b"MM\x00*": "TIFF", b"\x00\x00\x00\x0cjP  ": "JPEG2000", b"\xffO\xffQ": "JPEG2000"}
 # ISO-BMFF brands (bytes 8-12, after the ftyp box's size and type).
@@ -122,9 +125,10 @@ def inspect_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS)
         ) from e
     if fmt not in TORCHVISION_FORMATS | PIL_FORMATS:
         raise InputError("unsupported_format", f"{fmt} images are not accepted; send one of {SUPPORTED}", 415)
-    if w * h > max_pixels:
+    limit = min(max_pixels, GIF_MAX_PIXELS) if fmt == "GIF" else max_pixels
+    if w * h > limit:
         raise InputError(
-            "too_many_pixels", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", 413
+            "too_many_pixels", f"{fmt} image is {w}x{h} = {w * h} pixels; the limit is {limit}", 413
         )
     return Header(fmt, w, h, route)
 
@@ -168,8 +172,11 @@ def _from_pil(im: Image.Image) -> torch.Tensor:
             return flatten(torch.cat([samples, alpha]).clamp_(0, 65535).to(torch.uint16))
         return flatten(_to_8bit(samples, 65535))
     if im.mode == "F":  # float samples: 0.0 is black, 1.0 white (TIFF's SampleFormat=3 convention)
-        x = np.nan_to_num(np.array(im, dtype=np.float32), nan=0.0).clip(0.0, 1.0)
-        return flatten(torch.from_numpy(np.rint(x * 255).astype(np.uint8))[None])
+        x = np.array(im, dtype=np.float32)
+        np.nan_to_num(x, copy=False, nan=0.0)  # in place: a compressed float TIFF can declare tens of megapixels
+        np.clip(x, 0.0, 1.0, out=x)
+        x *= 255
+        return flatten(torch.from_numpy(np.rint(x, out=x).astype(np.uint8))[None])
     target = "RGBA" if im.mode in _ALPHA_MODES or "transparency" in im.info else "RGB"
     try:
         converted = im.convert(target)  # 1, L, P, CMYK, YCbCr, LAB, HSV: PIL knows each one's meaning
