@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import io
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision.io import encode_jpeg, encode_png
 
 
@@ -32,6 +34,8 @@ def png_declaring(width: int, height: int) -> bytes:
 def corpus(good_image: torch.Tensor, input_size: int, max_bytes: int) -> list[BadInput]:
     png = encode_png(good_image).numpy().tobytes()
     jpg = encode_jpeg(good_image).numpy().tobytes()
+    tiff = io.BytesIO()
+    Image.fromarray(good_image.permute(1, 2, 0).numpy()).save(tiff, "TIFF")  # uncompressed
     nan_tensor = torch.zeros(3, input_size, input_size)
     nan_tensor[0, 0, 0] = float("nan")
     return [
@@ -40,6 +44,7 @@ def corpus(good_image: torch.Tensor, input_size: int, max_bytes: int) -> list[Ba
                                                      dtype=torch.uint8).tolist()), 415, "unsupported_format"),
         BadInput("truncated_png", png[: len(png) // 2], 400, "corrupt_image"),
         BadInput("truncated_jpeg", jpg[: len(jpg) // 2], 400, "corrupt_image"),
+        BadInput("truncated_tiff", tiff.getvalue()[: len(tiff.getvalue()) // 2], 400, "corrupt_image"),
         BadInput("text_file", b"this is a text file, not an image\n", 415, "unsupported_format", "text/plain"),
         BadInput("png_20000x20000", png_declaring(20000, 20000), 413, "too_many_pixels"),
         BadInput("oversized_body", png + b"\0" * (max_bytes + 1), 413, "body_too_large"),
