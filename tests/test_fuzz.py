@@ -18,8 +18,8 @@ FINDINGS = ROOT / "tests" / "fuzz_findings"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-# Both run with 3 s per input, not the full campaign's 1 s (docs/reliability.md): CI machines are shared, and a slow
-# machine is not a finding. What the tests pin is the answer, 4xx or 200, never a 500 or a dead worker.
+# Both allow 3 CPU s per input, not the full campaign's 1 s (docs/reliability.md): CI's CPU may be slower than the
+# one the campaign ran on. What the tests pin is the answer, 4xx or 200, never a 500 or a dead worker.
 def fuzz(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "benchmarks.fuzz", *args], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
