@@ -85,8 +85,7 @@ class ModelHandler(BaseHandler):
         self.options = self.read_options(yaml_cfg.get("handler") or {})
         self.device = self.pick_device(props.get("gpu_id"))
         # Only a runtime whose threads follow torch.set_num_threads leases; one fixed at load keeps the fixed
-        # share: leasing it every core serialized the workers (distilled_openvino_int8 at 16 connections: 310
-        # req/s leased, 446 with 2 workers x 1 thread, docs in README "Cores, batching and the tuner").
+        # share, since leasing it every core serialized the workers.
         elastic = RUNTIMES[self.card.runtime].elastic
         leasing = self.options["threads"] == "lease" and self.device.type == "cpu" and elastic
         self.cores = CorePool() if leasing else None

@@ -17,10 +17,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-# A released core is not free while the worker's OpenMP threads spin on it: libgomp (torch's OpenMP on Linux)
-# busy-waits 300000 rounds after each parallel region, so the next worker's batch ran on contended cores (two
-# workers alternating at one connection: python -m benchmarks.openmp_spin). The runtime reads this once, when
-# torch loads, and TorchServe's workers inherit the frontend's environment: the server must start with it.
+# A released core is not free while the worker's idle OpenMP threads spin on it (libgomp busy-waits 300000 rounds
+# after each parallel region), so the next worker's batch would run on contended cores (docs/experiments.md).
+# libgomp reads this once, when torch loads, and workers inherit the frontend's environment: start the server with it.
 OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 
@@ -31,9 +30,7 @@ def openmp_env_missing() -> list[str]:
 
 def restart_with_openmp_env() -> None:
     """Re-run this command with the OPENMP_ENV settings it was started without, so that timings taken in-process
-    spin as served workers do (OpenVINO int8 at batch 1 on two threads beside torch: 5.7 ms per call with
-    libgomp's default spin, 3.9 ms with OPENMP_ENV, on the AVX2 EPYC). libgomp reads them once, when torch loads;
-    the restarted process loads it afresh."""
+    spin as served workers do. libgomp reads them once, when torch loads; the restarted process loads it afresh."""
     missing = {k: OPENMP_ENV[k] for k in openmp_env_missing()}
     if missing:
         print(f"restarting with {' '.join(f'{k}={v}' for k, v in missing.items())}, as served workers run",
