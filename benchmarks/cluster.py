@@ -25,8 +25,8 @@ from typing import Any
 from handlers.machine import cpu_model
 from harness.rehearsal import canary, cluster, cpu_cost, replica_loss, rolling_update, scale_out
 from harness.torchserve import ROOT
-from training import golden
-from training.package import PICK_KINDS, read_pick
+from packager import golden
+from packager.pick import PICK_KINDS, read_pick
 
 SCENARIOS = {"a": "replica loss (kill -9 under load)", "b": "rolling update v1 -> v2", "c": "canary 10% -> decision",
              "d": "scale out 1 -> 2 one-core replicas", "e": "CPU per request by part, v2 on 3 replicas"}

@@ -30,9 +30,9 @@ from handlers.deprecations import known_deprecations
 from handlers.imaging import Normalizer
 from handlers.runtimes import Fused, Predictor, load_model
 from harness.wrk_throughput import ensure_wrk
+from packager.stats import percentile
 from training.evaluate import splits_for
 from training.speed import environment, thread_count
-from training.stats import percentile
 from training.technique import variant_dir
 
 CONNECTIONS = 16

@@ -46,7 +46,8 @@ from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard, git_commit
 from handlers.cores import restart_with_openmp_env
 from harness.open_loop import ensure_locust
 from harness.wrk_throughput import ensure_wrk
-from training.package import PICK_KINDS, read_pick, serving_config
+from packager.config import serving_config
+from packager.pick import PICK_KINDS, read_pick
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Ours:
     variant: str
     mar: Path
     cfg: dict[str, Any]
-    sources: str  # where cfg came from (training.package.serving_config)
+    sources: str  # where cfg came from (packager.config.serving_config)
 
     @property
     def batch(self) -> int:

@@ -12,15 +12,14 @@ import os
 import re
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
-
+from deploy.processes import cpu_seconds, process_group, torchserve_roles
 from harness import open_loop, wrk_throughput
 from harness.torchserve import TorchServe
-from training.stats import percentile
+from packager.stats import percentile
 
 PROM_LINE = re.compile(r"^(\w+)\{([^}]*)\}\s+([-+0-9.eE]+|NaN)$")
 LABEL = re.compile(r'(\w+)="([^"]*)"')
@@ -111,9 +110,8 @@ class Bench:
         """Once per archive and input set, before its first measured point: warm-up requests (a failure stops
         here, unmeasured), then a short closed loop that is not reported, so the workers run their batch shapes.
         With `settle_s`, the loop goes on in SETTLE_STEP_S steps until the frontend's JIT compilers are quiet over
-        one (at most `settle_s`). A fresh frontend's C2 compiles the request path for 30-40 s of load, taking
-        12-19% of a core of this 2-core VM, and its first points run up to a quarter slower
-        (python -m benchmarks.frontend_warmup); bigger bodies (the photos) take paths of their own."""
+        one (at most `settle_s`). A fresh frontend's C2 keeps compiling the request path under load, and its first
+        points run slower (figures: docs/experiments.md); bigger bodies (the photos) take paths of their own."""
         self.warm(name, body)
         url, key = self.ts.api.url("inference", f"/predictions/{name}"), self.ts.api.keys["inference"]
         wrk_throughput.run(url, key, list_file, concurrency, seconds)
@@ -133,10 +131,10 @@ class Bench:
     def frontend_pid(self) -> int:
         """The Java frontend's pid."""
         group = self.group()
-        for role, p in processes(group):
-            if role == "frontend":
-                return p.pid
-        raise RuntimeError(f"no Java frontend in process group {group}\n{self.ts.log_tail()}")
+        frontends = torchserve_roles(process_group(group))["frontend"]
+        if not frontends:
+            raise RuntimeError(f"no Java frontend in process group {group}\n{self.ts.log_tail()}")
+        return frontends[0].pid
 
     def measure(self, name: str, list_file: Path, concurrency: int, duration_s: float
                 ) -> tuple[wrk_throughput.LoadResult, dict[str, Any]]:
@@ -164,36 +162,20 @@ class Bench:
         before = parse_prometheus(api.metrics(), name)
         logged = len(self.ts.logs("access_log.log").splitlines())
         group = self.group()
-        cpu_before, gen_before, t0 = cpu_seconds(group), children_cpu_seconds(), time.monotonic()
+        cpu_before, gen_before, t0 = torchserve_cpu_seconds(group), children_cpu_seconds(), time.monotonic()
         result = load()
         wall = time.monotonic() - t0
-        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(group).items()}
+        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in torchserve_cpu_seconds(group).items()}
         cpu["load_generator"] = children_cpu_seconds() - gen_before
         after = parse_prometheus(api.metrics(), name)
         frontend = frontend_latency(self.ts.logs("access_log.log").splitlines()[logged:], name)
         return result, {**server_side(before, after), **frontend, **cpu_profile(cpu, result.requests, wall)}
 
 
-def processes(group: int) -> Iterator[tuple[str, psutil.Process]]:
-    """TorchServe's processes in a process group, each with its role: "frontend" (Java) or "workers" (Python)."""
-    for p in psutil.process_iter(["name", "cmdline"]):
-        with contextlib.suppress(ProcessLookupError, psutil.Error):
-            if os.getpgid(p.pid) != group:
-                continue
-            if "java" in (p.info["name"] or ""):
-                yield "frontend", p
-            elif "model_service_worker" in " ".join(p.info["cmdline"] or []):
-                yield "workers", p
-
-
-def cpu_seconds(group: int) -> dict[str, float]:
-    """User+system CPU seconds so far of TorchServe's processes: the Java frontend and the Python workers."""
-    out = {"frontend": 0.0, "workers": 0.0}
-    for role, p in processes(group):
-        with contextlib.suppress(ProcessLookupError, psutil.Error):
-            t = p.cpu_times()
-            out[role] += t.user + t.system
-    return out
+def torchserve_cpu_seconds(group: int) -> dict[str, float]:
+    """User+system CPU seconds so far of TorchServe's processes in a process group: the Java frontend and the
+    Python workers."""
+    return {role: sum(cpu_seconds(ps).values()) for role, ps in torchserve_roles(process_group(group)).items()}
 
 
 def compiler_cpu_seconds(pid: int) -> float:

@@ -18,7 +18,9 @@ import json
 import random
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,10 +33,11 @@ import psutil
 import requests
 
 from deploy.client import InferenceClient, PredictionError
+from deploy.processes import torchserve_roles
 from handlers.machine import cpu_label, fingerprint
 from harness.cluster import Replica
-from training import golden
-from training.stats import percentile
+from packager import golden
+from packager.stats import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 WARM_UP_S = 300  # growth is measured from the end of the first five minutes
@@ -138,20 +141,6 @@ def capacity(replica: Replica, token: str, images: list[bytes], seconds: float =
     return sum(counts) / seconds
 
 
-def processes(replica: Replica) -> dict[str, list[psutil.Process]]:
-    roles: dict[str, list[psutil.Process]] = {"frontend": [], "workers": []}
-    for p in replica.processes():
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "org.pytorch.serve.ModelServer" in cmd:
-            roles["frontend"].append(p)
-        elif "model_service_worker" in cmd:
-            roles["workers"].append(p)
-    return roles
-
-
 def retained_heap_mb(pid: int) -> float | None:
     """The frontend's old generation plus survivors (jstat -gc): what outlives young collections."""
     try:
@@ -163,7 +152,7 @@ def retained_heap_mb(pid: int) -> float | None:
 
 
 def sample(replica: Replica) -> dict[str, Any]:
-    roles = processes(replica)
+    roles = torchserve_roles(replica.processes())
     out: dict[str, Any] = {}
     for role, procs in roles.items():
         rss = fds = threads = 0
@@ -289,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     replica = Replica("replica", "127.0.0.1", store, work, work / "token", pod_args=pod_args)
     images = [png for png, _ in golden.images(golden.from_archive(args.archive))]
     windows: list[dict[str, Any]] = []
+    # kill (SIGTERM) stops the replica as Ctrl-C does, rather than leaving TorchServe running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         replica.start().wait_ready()
         props = dict(line.split("=", 1) for line in (replica.workdir / "config.properties").read_text().splitlines()
@@ -317,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         replica.stop()
     figures = verdict(windows, seconds, expiry_min, rotation)
-    report = {"command": "python -m benchmarks.soak " + " ".join(argv or __import__("sys").argv[1:]),
+    report = {"command": "python -m benchmarks.soak " + " ".join(argv or sys.argv[1:]),
               "cpu": cpu_label(fingerprint()), "archive": str(args.archive), "seconds": seconds, "rate": rate,
               "hostile_share": args.hostile, "token_expiration_min": expiry_min, **figures, "windows": windows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

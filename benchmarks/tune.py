@@ -20,7 +20,7 @@ req/s, best score first, until one keeps p99 <= --max-tail (2) x p50; the ones t
 batchSize, maxBatchDelay,
 minWorkers, maxWorkers and handler.threads change in the config; comments stay. With --for-variant they go
 into VARIANT_DIR/tuned-config.yaml instead, which build_mar.sh packs over handlers/model-config.yaml for that
-variant only (training.package.serving_config).
+variant only (packager.config.serving_config).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import difflib
 import itertools
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -47,75 +46,19 @@ from benchmarks.served import PRIME_S, SETTLE_S, Bench
 from handlers.contract import CARD_FILE, TORCHSCRIPT_FILE, ModelCard
 from handlers.machine import cpu_label
 from harness.open_loop import ensure_locust
-from training.package import TUNED_FILE, check_config
+from packager.config import DEFAULT_CONFIG, TUNED_FILE, check_config, set_keys, tuned_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "handlers" / "model-config.yaml"
 THREAD_POLICIES = ("lease", "auto")
 # What an open-loop check keeps besides latency: where the tail was measured, and where the CPU went.
 SERVER_TAIL = ("frontend_p50_ms", "frontend_p99_ms", "cpu_ms_per_request", "cpu_busy_share")
 
 
-def set_keys(text: str, values: dict[str, int | str]) -> str:
-    """Replace `key: value` lines in YAML text (top level, or `section.key` one level down), keeping each
-    trailing comment in its column; a missing top-level key is appended."""
-    lines = text.splitlines(keepends=True)
-    for dotted, value in values.items():
-        section, _, key = dotted.rpartition(".")
-        i = find_key(lines, section, key)
-        if i is None:
-            if section:
-                raise ValueError(f"no {dotted} line in the config; add `  {key}:` under `{section}:`")
-            if lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n"
-            lines.append(f"{key}: {value}\n")
-            continue
-        body = lines[i].rstrip("\r\n")
-        m = key_line(section, key).match(body)
-        assert m is not None
-        prefix, old, tail = m.group(1), m.group(2), m.group(3) or ""
-        comment = tail.strip()
-        new = f"{prefix}{value}"
-        if comment:
-            column = len(prefix) + len(old) + len(tail) - len(comment)
-            new += " " * max(1, column - len(new)) + comment
-        lines[i] = new + lines[i][len(body):]
-    return "".join(lines)
-
-
-def key_line(section: str, key: str) -> re.Pattern[str]:
-    indent = r"[ \t]+" if section else ""
-    return re.compile(rf"^({indent}{re.escape(key)}:[ \t]*)([^#]*?)([ \t]*#.*)?$")
-
-
-def find_key(lines: list[str], section: str, key: str) -> int | None:
-    """Index of the line holding `key` at the top level, or one level inside `section`."""
-    pattern = key_line(section, key)
-    inside = not section
-    for i, line in enumerate(lines):
-        top = bool(line.strip()) and not line[0].isspace()
-        if section and top:
-            inside = line.startswith(f"{section}:")
-            continue
-        if inside and pattern.match(line.rstrip("\r\n")):
-            return i
-    return None
-
-
 def setting_values(s: dict[str, Any]) -> dict[str, int | str]:
     return {"batchSize": s["batch_size"], "maxBatchDelay": s["max_batch_delay"], "minWorkers": s["workers"],
             "maxWorkers": s["workers"], "handler.threads": s["threads"]}
-
-
-def tuned_text(values: dict[str, int | str], header: str) -> str:
-    """A variant's tuned-config.yaml: only the tuned keys (`section.key` nested), under a comment header."""
-    nested: dict[str, Any] = {}
-    for dotted, value in values.items():
-        section, _, key = dotted.rpartition(".")
-        (nested.setdefault(section, {}) if section else nested)[key] = value
-    return "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(nested, sort_keys=False)
 
 
 def score(results: list[dict[str, Any]], p99_ms: float, reference: dict[int, float] | None = None

@@ -13,8 +13,8 @@ from deploy.client import Prediction, PredictionError
 from deploy.management import DeployError, handler_description
 from deploy.store import now, open_archive
 from handlers.contract import ModelCard
-from training import golden
-from training.stats import percentile
+from packager import golden
+from packager.stats import percentile
 
 if TYPE_CHECKING:
     from deploy.commands import Context

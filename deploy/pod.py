@@ -25,9 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from deploy.keys import KeyRenewer, expiration_min
+from deploy.processes import poll_until, stop_group, terminate
 from handlers.contract import KEY_FILE, KeyFileError, read_key
 from handlers.cores import OPENMP_ENV
 
@@ -95,46 +94,6 @@ def torchserve_command(config: str, model_store: Path, snapshot: bool = False) -
     return cmd if snapshot else [*cmd, "--ncs"]
 
 
-def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    """SIGTERM one process, SIGKILL it if it is still there after `timeout` seconds."""
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def group_alive(group: int) -> bool:
-    """Any live (non-zombie) process in process group `group`."""
-    for p in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
-def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """SIGTERM the process group `proc` leads, then wait for all of it (TorchServe's launcher exits before Java
-    and the workers), SIGKILL whatever is left after `timeout`."""
-    group = proc.pid
-    if proc.poll() is None:
-        try:
-            os.killpg(group, signal.SIGTERM)
-            proc.wait(timeout=timeout)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    deadline = time.monotonic() + timeout
-    while group_alive(group) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if group_alive(group):
-        os.killpg(group, signal.SIGKILL)
-    proc.wait()
-
-
 def log(message: str) -> None:
     print(f"pod: {message}", flush=True)
 
@@ -161,23 +120,27 @@ class Pod:
         (self.home / KEY_FILE).unlink(missing_ok=True)  # a stale file would hold the last start's keys
         cmd = torchserve_command("config.properties", self.args.model_store.resolve())
         self.torchserve = subprocess.Popen(cmd, cwd=self.home, env=torchserve_env(self.home), start_new_session=True)
-        deadline = time.monotonic() + self.args.start_timeout
-        while True:
-            try:
-                read_key(self.home / KEY_FILE, "inference")
-                break
-            except KeyFileError:
-                if self.torchserve.poll() is not None:
-                    raise SystemExit(f"pod: TorchServe exited with {self.torchserve.returncode} while starting; "
-                                     f"see {self.home / 'logs' / 'ts_log.log'}") from None
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"pod: TorchServe wrote no {KEY_FILE} in {self.args.start_timeout:.0f} s; "
-                                     f"see {self.home / 'logs' / 'ts_log.log'}") from None
-                time.sleep(0.2)
+        try:
+            poll_until(self.keys_written, self.args.start_timeout, 0.2,
+                       f"TorchServe wrote no {KEY_FILE} in {self.args.start_timeout:.0f} s")
+        except TimeoutError as e:
+            raise SystemExit(f"pod: {e}; see {self.home / 'logs' / 'ts_log.log'}") from None
         # TorchServe's keys expire (token_expiration_min); the gateway re-reads the file the renewer keeps fresh.
         self.renewer = KeyRenewer(props["management_address"], self.home / KEY_FILE, expiration_min(props), log=log)
         self.renewer.start()
         log(f"renewing TorchServe's keys every {self.renewer.interval:g} s")
+
+    def keys_written(self) -> bool:
+        """TorchServe has written its keys; exits the pod if TorchServe has exited instead."""
+        assert self.torchserve is not None
+        try:
+            read_key(self.home / KEY_FILE, "inference")
+            return True
+        except KeyFileError:
+            if self.torchserve.poll() is not None:
+                raise SystemExit(f"pod: TorchServe exited with {self.torchserve.returncode} while starting; "
+                                 f"see {self.home / 'logs' / 'ts_log.log'}") from None
+            return False
 
     def start_gateway(self) -> None:
         cmd = [sys.executable, "-m", "deploy.oip_gateway",

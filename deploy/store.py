@@ -14,8 +14,8 @@ import yaml
 
 from deploy.management import DeployError
 from handlers.contract import MANIFEST_FILE, sha256
-from training import golden
-from training.package import read_manifest
+from packager import golden
+from packager.manifest import read_manifest
 
 STATE_FILE = "deploy_state.json"
 

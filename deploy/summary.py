@@ -15,8 +15,7 @@ from pathlib import Path
 
 from deploy.client import InferenceClient, PredictionError
 from handlers.contract import KEY_FILE, ModelCard
-from training.optimize import REPORT_DIR
-from training.technique import variant_dir
+from packager.pick import REPORT_DIR, variant_dir
 
 
 def summary(model_dir: Path, image: Path, url: str, model: str, key_file: Path) -> list[str]:

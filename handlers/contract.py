@@ -33,7 +33,8 @@ GOLDEN_FILE = "golden.json"
 MANIFEST_FILE = "manifest.json"
 KEY_FILE = "key_file.json"  # written by TorchServe in the directory it was started from
 
-# How an artifact is run (handlers/runtimes.py), and the file each runtime's artifact has by default.
+# The runtimes an artifact can run on, and the file each one's artifact has by default: the one table of
+# runtime names (handlers/runtimes.py registers a loader under each).
 RUNTIMES = {"eager": STATE_DICT_FILE, "compile": STATE_DICT_FILE, "torchscript": TORCHSCRIPT_FILE,
             "export": EXPORTED_FILE, "aoti": "model.aoti.pt2", "onnxruntime": "model.onnx", "openvino": "model.xml",
             "tensorrt": "model.trt.pt2", "ensemble": "members.sha256"}

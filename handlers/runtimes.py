@@ -25,16 +25,22 @@ from typing import Any
 
 import torch
 
+from handlers import contract
 from handlers.contract import MEMBERS_DIR, Fusion, ModelCard, sha256
 from handlers.deprecations import known_deprecations
 from handlers.loading import load_state_dict, model_from_state_dict
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
+# Runtime name -> its loader. handlers.contract.RUNTIMES is the one table of names (with each one's artifact
+# file, read where torch is not loaded); every Runtime subclass below registers itself under one of them.
+RUNTIMES: dict[str, Runtime] = {}
+
 
 class Runtime:
-    """How one kind of artifact is loaded. Subclasses set `devices` and implement `load`."""
+    """How one kind of artifact is loaded. Subclasses set `name` and `devices` and implement `load`."""
 
+    name: str = ""  # its key in handlers.contract.RUNTIMES
     devices: tuple[str, ...] = ("cpu", "cuda")
     # True when the intra-op thread count follows torch.set_num_threads at every call; False when it is
     # fixed at load (a session option, or a thread count compiled into the code).
@@ -43,18 +49,28 @@ class Runtime:
     # it on one thread, so anyone who loads the artifact again gets them exactly.
     repeatable: bool = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name not in contract.RUNTIMES or cls.name in RUNTIMES:
+            raise TypeError(f"{cls.__name__}.name is {cls.name!r}; each runtime in handlers.contract.RUNTIMES "
+                            "has one loader")
+        RUNTIMES[cls.name] = cls()
+
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         """The artifact at `path`, ready to call on batches on `device` with `threads` intra-op threads."""
         raise NotImplementedError
 
 
 class Eager(Runtime):
+    name = "eager"
+
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         model = model_from_state_dict(card.architecture, card.num_classes, load_state_dict(path))
         return model.to(device).eval()
 
 
 class Compiled(Eager):
+    name = "compile"
     elastic = False  # Inductor's C++ bakes the thread count in
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         # freezing folds weights into constants and lets Inductor pre-pack them for oneDNN on CPU;
@@ -63,23 +79,27 @@ class Compiled(Eager):
 
 
 class TorchScript(Runtime):
+    name = "torchscript"
+
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         with known_deprecations():
             module = torch.jit.load(str(path), map_location=device).eval()
             if device.type == "cpu" and card.precision == "fp32":
-                # oneDNN layouts and pre-packed conv weights, chosen at load so the archive stays portable:
-                # a lone fp32 image runs ~5% faster, batches of 8 ~2% (benchmarks/results/jit_optimize.json).
+                # Faster on CPU, and done at load so the archive stays portable (docs/experiments.md, "jit_optimize").
                 module = torch.jit.optimize_for_inference(module)
             return module
 
 
 class Export(Runtime):
+    name = "export"
+
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         # Exported programs are already in inference form; .eval() is not allowed on them.
         return torch.export.load(str(path)).module().to(device)
 
 
 class AOTInductor(Runtime):
+    name = "aoti"
     elastic = False
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
         from torch._inductor import aoti_load_package
@@ -107,6 +127,7 @@ class NumpyPredictor:
 
 
 class OnnxRuntime(Runtime):
+    name = "onnxruntime"
     elastic = False
     devices = ("cpu",)
 
@@ -138,6 +159,7 @@ def openvino_config(precision: str, threads: int) -> dict[str, Any]:
 
 
 class OpenVINO(Runtime):
+    name = "openvino"
     elastic = False
     devices = ("cpu",)
     repeatable = False  # int8 on 2 threads: two runs of one batch gave other logits (on 1 thread: identical)
@@ -153,6 +175,7 @@ class OpenVINO(Runtime):
 
 
 class TensorRT(Runtime):
+    name = "tensorrt"
     elastic = False
     devices = ("cuda",)
 
@@ -196,6 +219,7 @@ def verify_members(path: Path) -> None:
 
 
 class Ensemble(Runtime):
+    name = "ensemble"
     elastic = False
     repeatable = False  # its members may be OpenVINO
     def load(self, path: Path, card: ModelCard, device: torch.device, threads: int) -> Predictor:
@@ -208,9 +232,8 @@ class Ensemble(Runtime):
         return Fused(card.fusion, members)
 
 
-RUNTIMES: dict[str, Runtime] = {"eager": Eager(), "compile": Compiled(), "torchscript": TorchScript(),
-                                "export": Export(), "aoti": AOTInductor(), "onnxruntime": OnnxRuntime(),
-                                "openvino": OpenVINO(), "tensorrt": TensorRT(), "ensemble": Ensemble()}
+if RUNTIMES.keys() != contract.RUNTIMES.keys():
+    raise ImportError(f"no loader for runtime {', '.join(contract.RUNTIMES.keys() - RUNTIMES.keys())}")
 
 
 def load_model(model_dir: Path, card: ModelCard, device: torch.device | str = "cpu",

@@ -1,4 +1,4 @@
-"""The function nodes of an ensemble served as a TorchServe workflow (training/workflow.py builds the .war).
+"""The function nodes of an ensemble served as a TorchServe workflow (packager/workflow.py builds the .war).
 
     pre_processing -> [member models, in parallel] -> aggregate
 

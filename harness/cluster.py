@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,36 +20,10 @@ import requests
 
 from deploy.balancer import BACKEND, haproxy_config
 from deploy.client import InferenceClient, PredictionError
-from deploy.pod import INTERNAL_PORTS, terminate
+from deploy.pod import INTERNAL_PORTS
+from deploy.processes import alive, free_port, free_ports, kill, poll_until, process_tree, terminate
 from harness.tools import debian_tool
-from harness.torchserve import ROOT, free_ports
-
-
-def free_port_on(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    """`pid` and all its descendants; empty once it is gone."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def is_alive(p: psutil.Process) -> bool:
-    """Running, and not a zombie waiting to be reaped."""
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def alive(processes: Sequence[psutil.Process]) -> list[psutil.Process]:
-    return [p for p in processes if is_alive(p)]
+from harness.torchserve import ROOT
 
 
 class Replica:
@@ -63,7 +36,7 @@ class Replica:
         self.drain_s = drain_s
         self.cpus = cpus  # a CPU limit, as a pod's cpuset would set it
         self.pod_args = list(pod_args)  # more of deploy.pod's options
-        self.port = free_port_on(host)
+        self.port = free_port(host)
         self.internal: dict[str, int] = {}  # TorchServe's own loopback ports, as deploy.pod names them
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -78,7 +51,7 @@ class Replica:
         self.internal = dict(zip(INTERNAL_PORTS, free_ports(len(INTERNAL_PORTS)), strict=True))
         cmd = [sys.executable, "-m", "deploy.pod", "--model-store", str(self.store), "--home", str(self.workdir),
                "--client-token", str(self.token_file), "--http", self.address,
-               "--grpc", f"{self.host}:{free_port_on(self.host)}", "--metrics", f"127.0.0.1:{free_ports(1)[0]}",
+               "--grpc", f"{self.host}:{free_port(self.host)}", "--metrics", f"127.0.0.1:{free_port()}",
                "--internal-ports", ",".join(map(str, self.internal.values())), "--drain-s", str(self.drain_s),
                *self.pod_args]
         with open(self.workdir / "pod.log", "ab") as log:
@@ -96,10 +69,8 @@ class Replica:
     def wait_ready(self, timeout: float = 240) -> float:
         """Seconds until the gateway says ready; fails with the log tail if the replica exits or times out."""
         started = time.monotonic()
-        while not self.ready():
-            if self.proc is None or self.proc.poll() is not None or time.monotonic() - started > timeout:
-                raise RuntimeError(f"replica {self.name} did not become ready:\n{self.log_tail()}")
-            time.sleep(0.2)
+        poll_until(self.ready, timeout, 0.2, lambda: f"replica {self.name} did not become ready:\n{self.log_tail()}",
+                   proc=self.proc)
         return time.monotonic() - started
 
     def processes(self) -> list[psutil.Process]:
@@ -108,12 +79,7 @@ class Replica:
     def kill9(self) -> int:
         """SIGKILL the whole replica at once: supervisor, gateway, TorchServe's frontend and its workers."""
         victims = self.processes()
-        for p in victims:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(victims, timeout=10)
+        kill(victims)
         if self.proc is not None:
             self.proc.wait()
         return len(victims)
@@ -123,14 +89,8 @@ class Replica:
         if self.proc is None:
             return None
         tree = self.processes()  # taken now: once the supervisor is gone, its orphans are nobody's children
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        for p in alive(tree):
-            p.kill()
+        terminate(self.proc, timeout)
+        kill(alive(tree))
         code, self.proc = self.proc.returncode, None
         return code
 
@@ -147,7 +107,7 @@ class Balancer:
 
     def __init__(self, workdir: Path, replicas: Sequence[Replica], weights: dict[str, int] | None = None) -> None:
         self.workdir = workdir
-        self.port = free_ports(1)[0]
+        self.port = free_port()
         self.socket = workdir / "haproxy.sock"
         self.config = workdir / "haproxy.cfg"
         self.config.write_text(haproxy_config(f"127.0.0.1:{self.port}", {r.name: r.address for r in replicas},
@@ -165,11 +125,8 @@ class Balancer:
             raise RuntimeError(f"haproxy refused {self.config}:\n{check.stdout}{check.stderr}")
         with open(self.workdir / "haproxy.log", "ab") as log:
             self.proc = subprocess.Popen([haproxy, "-db", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"haproxy did not start: {(self.workdir / 'haproxy.log').read_text()[-2000:]}")
-            time.sleep(0.1)
+        poll_until(self.socket.exists, 20, 0.1, proc=self.proc,
+                   what=lambda: f"haproxy did not start: {(self.workdir / 'haproxy.log').read_text()[-2000:]}")
         return self
 
     def command(self, line: str) -> str:
@@ -192,10 +149,8 @@ class Balancer:
     def wait_state(self, name: str, state: str, timeout: float = 240) -> float:
         """Seconds until haproxy reports `name` in `state` (exactly: "UP", "DOWN")."""
         started = time.monotonic()
-        while self.status().get(name) != state:
-            if time.monotonic() - started > timeout:
-                raise TimeoutError(f"haproxy never saw {name} {state}: {self.status()}")
-            time.sleep(0.05)
+        poll_until(lambda: self.status().get(name) == state, timeout, 0.05,
+                   lambda: f"haproxy never saw {name} {state}: {self.status()}")
         return time.monotonic() - started
 
     def set_weight(self, name: str, weight: int) -> None:

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import requests
 
 from handlers.contract import KEY_FILE, KeyFileError, read_key
-from training.stats import percentile
+from packager.stats import percentile
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
-from deploy.pod import terminate
+from deploy.processes import free_ports, terminate
 from handlers.contract import KEY_FILE
-from harness.torchserve import ROOT, TorchServe, free_ports
+from harness.torchserve import ROOT, TorchServe
 
 
 class Gateway:

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.stats import percentile
+from packager.stats import percentile
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".locust"

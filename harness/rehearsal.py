@@ -23,8 +23,9 @@ from typing import Any
 
 import psutil
 
-from harness.cluster import Balancer, Load, Outcome, Replica, process_tree
-from training.stats import percentile
+from deploy.processes import cpu_seconds, process_tree, torchserve_role
+from harness.cluster import Balancer, Load, Outcome, Replica
+from packager.stats import percentile
 
 
 @dataclass
@@ -253,22 +254,15 @@ def scale_out(c: Cluster, concurrency: int = 8, window_s: float = 15.0) -> dict[
 
 def part(p: psutil.Process) -> str:
     """Which part of a replica (or the balancer) a process is, from its command line."""
-    cmd = " ".join(p.cmdline())
-    for needle, name in (("haproxy", "balancer"), ("oip_gateway", "gateway"), ("model_service_worker", "workers"),
-                         ("deploy.pod", "supervisor")):
-        if needle in cmd:
-            return name
-    return "frontend" if p.name() == "java" else "other"
-
-
-def cpu_seconds(processes: Sequence[psutil.Process]) -> dict[int, tuple[str, float]]:
-    """User + system CPU seconds so far, per pid, with its part."""
-    out = {}
-    for p in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = p.cpu_times()
-            out[p.pid] = (part(p), t.user + t.system)
-    return out
+    role = torchserve_role(p)  # "frontend" or "workers"
+    if role is not None:
+        return role
+    with contextlib.suppress(psutil.Error):
+        cmd = " ".join(p.cmdline())
+        for needle, name in (("haproxy", "balancer"), ("oip_gateway", "gateway"), ("deploy.pod", "supervisor")):
+            if needle in cmd:
+                return name
+    return "other"
 
 
 def cpu_cost(c: Cluster, concurrency: int = 16, window_s: float = 20.0, settle_s: float = 3.0) -> dict[str, Any]:
@@ -279,6 +273,7 @@ def cpu_cost(c: Cluster, concurrency: int = 16, window_s: float = 20.0, settle_s
     processes = [p for r in c.replicas for p in r.processes()]
     if c.balancer.proc is not None:
         processes += process_tree(c.balancer.proc.pid)
+    parts = {p.pid: part(p) for p in processes}
     me = psutil.Process(os.getpid())
     t0, before, client0 = load.now(), cpu_seconds(processes), sum(me.cpu_times()[:2])
     time.sleep(window_s)
@@ -287,8 +282,8 @@ def cpu_cost(c: Cluster, concurrency: int = 16, window_s: float = 20.0, settle_s
     window = summary(load.window(t0, t1), t1 - t0)
     answered = window["requests"] - window["failed"]
     by_part: Counter[str] = Counter()
-    for pid, (name, seconds) in after.items():
-        by_part[name] += seconds - before.get(pid, (name, 0.0))[1]
+    for pid, seconds in after.items():
+        by_part[parts[pid]] += seconds - before.get(pid, 0.0)
     ms = {name: round(1000 * s / answered, 3) for name, s in sorted(by_part.items())} if answered else {}
     return {
         "scenario": "cpu_cost", "replicas": sum(r.proc is not None for r in c.replicas), "concurrency": concurrency,

@@ -7,34 +7,20 @@ So several instances, and parallel test runs, coexist on one machine.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from deploy.keys import KeyRenewer, expiration_min
 from deploy.management import DeployError, Management
-from deploy.pod import server_properties, stop_group, torchserve_command, torchserve_env
+from deploy.pod import server_properties, torchserve_command, torchserve_env
+from deploy.processes import free_ports, poll_until, stop_group
 from handlers.contract import KEY_FILE, KeyFileError, read_key
 from harness.api import ServerApi
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_DEATH = re.compile(r"Backend worker process died|Worker disconnected|WORKER_STOPPED|Load model failed")
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports: all are held open until all are chosen, so no two can be the same."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 class TorchServe:
@@ -81,15 +67,8 @@ class TorchServe:
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
-        while True:
-            self.check_alive()
-            try:
-                keys = {api: read_key(key_file, api) for api in ("inference", "management")}
-                break
-            except KeyFileError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"TorchServe wrote no {KEY_FILE} in {timeout:.0f}s\n{self.log_tail()}") from None
-                time.sleep(0.2)
+        keys = poll_until(self.written_keys, timeout, 0.2,
+                          lambda: f"TorchServe wrote no {KEY_FILE} in {timeout:.0f}s\n{self.log_tail()}")
         self._api = ServerApi({api: self.url(api) for api in self.ports}, keys)
         # Keys expire (token_expiration_min) as in production: renewed as deploy.pod does, and handed to `api`.
         self.renewer = KeyRenewer(self.url("management"), key_file, expiration_min(self.props),
@@ -108,6 +87,14 @@ class TorchServe:
             raise TimeoutError(f"{e}\n{self.log_tail()}") from None
         finally:
             mgmt.session.close()
+
+    def written_keys(self) -> dict[str, str] | None:
+        """Both keys from key_file.json; None until TorchServe has written them, RuntimeError if it has exited."""
+        self.check_alive()
+        try:
+            return {api: read_key(self.workdir / KEY_FILE, api) for api in ("inference", "management")}
+        except KeyFileError:
+            return None
 
     def stop(self) -> None:
         if self.renewer is not None:

@@ -19,10 +19,11 @@ sys.path.insert(0, str(ROOT))
 
 from handlers.contract import ModelCard  # noqa: E402
 from harness.torchserve import TorchServe  # noqa: E402
-from training import export, golden, train  # noqa: E402
+from packager import golden  # noqa: E402
+from packager.manifest import read_manifest, write_manifest  # noqa: E402
+from training import export, train  # noqa: E402
 from training.data import Splits  # noqa: E402
 from training.evaluate import splits_for  # noqa: E402
-from training.package import read_manifest, write_manifest  # noqa: E402
 from training.technique import build  # noqa: E402
 from training.variants.pruned import PRUNED  # noqa: E402
 

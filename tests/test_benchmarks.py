@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import frontend_logging, frontend_warmup, light_load, run, tune
+from benchmarks import light_load, run, tune
 from benchmarks.acceptance import never_slower
-from benchmarks.tune import pick, score, set_keys, setting_values
+from benchmarks.tune import pick, score, setting_values
+from packager.config import TUNED_FILE, serving_config, set_keys
 from tests.conftest import ROOT
-from training.package import TUNED_FILE, serving_config
 
 TUNED_KEYS = {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "  threads"}
 
@@ -218,24 +218,3 @@ def test_tuner_writes_the_winner_into_the_config(tiny_model: Path, tmp_path: Pat
     assert json.loads((tmp_path / "out" / "tune.json").read_text())["winner"] == json.loads(json.dumps(winner))
     assert (tmp_path / "out" / "tune.png").stat().st_size > 0 and "Winner: batchSize" in (
         tmp_path / "out" / "tune.md").read_text()
-
-
-@pytest.mark.server
-@pytest.mark.slow
-def test_a_fresh_frontend_shows_its_jit_compilers_at_work(tiny_model: Path, tmp_path: Path) -> None:
-    report = frontend_warmup.main([str(tiny_model), "--windows", "2", "-d", "2", "-c", "4", "--out", str(tmp_path)])
-    assert [r["errors"] for r in report["rows"]] == [0, 0] and all(r["rps"] > 0 for r in report["rows"])
-    assert report["rows"][0]["compiler_core_share"] > 0  # HotSpot's compiler threads found, and busy under load
-    assert (tmp_path / "frontend_warmup.png").stat().st_size > 0
-
-
-@pytest.mark.server
-@pytest.mark.slow
-def test_the_shipped_log_config_writes_one_line_per_request_where_the_built_in_one_writes_many(
-        tiny_model: Path, tmp_path: Path) -> None:
-    report = frontend_logging.main([str(tiny_model), "--rounds", "1", "-d", "1", "--loads", "1", "--settle-s", "0",
-                                    "--out", str(tmp_path / "logging.json")])
-    (row,) = report["summary"]
-    assert row["ours"]["errors"] == row["built-in"]["errors"] == 0
-    assert 1 <= row["ours"]["log_lines_per_request"] < 1.5  # the access log's line
-    assert row["built-in"]["log_lines_per_request"] > 10 * row["ours"]["log_lines_per_request"]

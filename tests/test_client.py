@@ -28,7 +28,8 @@ from deploy.client import (
     error_for,
     retryable,
 )
-from harness.torchserve import TorchServe, free_port
+from deploy.processes import free_port
+from harness.torchserve import TorchServe
 from tests.conftest import serve_scalable
 
 pytestmark = pytest.mark.server

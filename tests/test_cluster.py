@@ -14,7 +14,8 @@ import pytest
 import requests
 
 from deploy.balancer import haproxy_config
-from harness.cluster import Replica, alive
+from deploy.processes import alive
+from harness.cluster import Replica
 from harness.rehearsal import canary_verdict, cluster, cpu_cost, replica_loss, rolling_update, summary
 from harness.tools import debian_tool
 from tests.conftest import ROOT, build_mar

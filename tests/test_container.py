@@ -27,8 +27,8 @@ import pytest
 import requests
 
 from deploy.client import AuthError, InferenceClient
-from harness.cluster import alive, process_tree
-from harness.torchserve import ROOT, free_ports
+from deploy.processes import alive, free_ports, process_tree
+from harness.torchserve import ROOT
 from tests.conftest import copy_store
 
 pytestmark = pytest.mark.slow

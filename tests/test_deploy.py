@@ -23,11 +23,13 @@ import yaml
 
 from deploy.client import InferenceClient, PredictionError
 from deploy.pod import read_properties
+from deploy.processes import free_port
 from deploy.store import STATE_FILE
-from harness.torchserve import TorchServe, free_port
+from harness.torchserve import TorchServe
+from packager import golden
+from packager.manifest import read_manifest, write_manifest
 from tests.conftest import ROOT, build_mar, serve, train_tiny
-from training import export, golden
-from training.package import read_manifest, write_manifest
+from training import export
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 OPERATOR = read_properties(ROOT / "deploy" / "operator.properties")

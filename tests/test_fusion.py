@@ -16,9 +16,9 @@ import torch
 
 from handlers.contract import CardError, Fusion, Member, ModelCard
 from handlers.runtimes import Fused, load_model
+from packager import workflow
 from tests.conftest import build_mar, serve_scalable
 from tests.test_deploy import deploy, ok
-from training import workflow
 from training.evaluate import predict
 from training.technique import add_options, build, variant_dir
 from training.variants.ensemble import CASCADE, ENSEMBLE, fit_threshold, fit_weights

@@ -16,9 +16,10 @@ import yaml
 
 from handlers.contract import ModelCard
 from harness.context import unpack_mar
+from packager import gate
+from packager.config import TUNED_FILE
+from packager.manifest import read_manifest, record
 from tests.conftest import ROOT, build_mar
-from training import gate
-from training.package import TUNED_FILE, read_manifest, record
 from training.technique import build, variant_dir
 from training.variants.int8 import INT8
 from training.variants.sparse import SPARSE
@@ -67,7 +68,7 @@ def test_gate_budget_is_configurable(too_sparse: Path) -> None:
     top1, parent_top1 = figures(too_sparse)
     drop = float(parent_top1[:-1]) - float(top1[:-1])
     for budget, code in ((drop - 0.1, 1), (drop + 0.1, 0)):
-        result = subprocess.run([sys.executable, "-m", "training.gate", str(too_sparse), "--budget", f"{budget:.2f}"],
+        result = subprocess.run([sys.executable, "-m", "packager.gate", str(too_sparse), "--budget", f"{budget:.2f}"],
                                 capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == code, result.stderr
         assert f"budget {budget:.2f} pt" in result.stdout + result.stderr
@@ -142,7 +143,7 @@ def test_a_variants_tuned_keys_pack_over_the_shared_config_and_an_explicit_confi
 
 def test_builders_recording_into_one_store_at_once_lose_no_entry(model_store: Path, tiny_model: Path,
                                                                  tmp_path: Path) -> None:
-    """build_mar.sh's last step (training.package record) run by sixteen builders at the same moment."""
+    """build_mar.sh's last step (packager.manifest.record) run by sixteen builders at the same moment."""
     mars = [tmp_path / f"digits_{i}.mar" for i in range(16)]
     for mar in mars:
         shutil.copy(model_store / "digits.mar", mar)

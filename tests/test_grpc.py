@@ -31,8 +31,9 @@ from deploy.client import (
     ServerUnavailable,
 )
 from deploy.grpc_stubs import generate, load
+from deploy.processes import free_port
 from handlers.contract import KEY_FILE
-from harness.torchserve import TorchServe, free_port
+from harness.torchserve import TorchServe
 from tests.conftest import ROOT, serve_scalable
 
 pytestmark = pytest.mark.server

@@ -23,9 +23,9 @@ import tritonclient.http as thttp
 from deploy.client import AuthError, InferenceClient
 from deploy.keys import KeyRenewer, RenewerRunning
 from deploy.pod import server_properties, torchserve_env
+from deploy.processes import free_port, free_ports
 from handlers.contract import KEY_FILE, read_key
 from harness.cluster import Replica
-from harness.torchserve import free_port, free_ports
 from tests.conftest import ROOT, copy_store
 
 pytestmark = pytest.mark.slow

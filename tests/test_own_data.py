@@ -14,9 +14,10 @@ from deploy.client import InferenceClient
 from handlers.contract import ModelCard
 from handlers.runtimes import load_model
 from harness.imagefolder import corrupt_jpeg, write_imagefolder
+from packager import golden
 from tests.conftest import ROOT, build_mar, serve_scalable, train_tiny
 from tests.test_deploy import OPERATOR, deploy, ok
-from training import export, golden
+from training import export
 from training.evaluate import predict, splits_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -37,10 +37,10 @@ from handlers.contract import ModelCard
 from handlers.loading import load_state_dict, model_from_state_dict
 from handlers.runtimes import load_model
 from harness.torchserve import TorchServe
+from packager.manifest import read_manifest
 from tests.conftest import ROOT, build_mar, copy_store, serve
 from training.evaluate import predict
 from training.export import check_parity
-from training.package import read_manifest
 from training.technique import RUNTIME_TOLERANCE, NotSupportedHere, build, variant_dir
 from training.variants.aot_inductor import AOTI
 from training.variants.compiled import COMPILED
@@ -180,7 +180,7 @@ def test_runtime_variant_card_parity_and_gate(runtimes: Runtimes, variant: str, 
     # The runtime costs at most GATE_BUDGET points against its float source, and the accuracy gate agrees.
     assert 100 * (runtimes.source_top1(card) - card.test.top1) <= GATE_BUDGET
     budget = f"{runtimes.budget(card):.2f}"
-    gate = subprocess.run([sys.executable, "-m", "training.gate", str(vdir), "--budget", budget],
+    gate = subprocess.run([sys.executable, "-m", "packager.gate", str(vdir), "--budget", budget],
                           capture_output=True, text=True, cwd=ROOT)
     assert gate.returncode == 0 and "accuracy gate passed" in gate.stdout, gate.stdout + gate.stderr
 

@@ -22,13 +22,14 @@ import torch
 from torchvision.io import encode_png
 
 from deploy.pod import read_properties
+from deploy.processes import free_port
 from deploy.store import open_archive
 from handlers.contract import KEY_FILE, ModelCard
 from handlers.loading import load_state_dict
 from handlers.runtimes import load_model
-from harness.torchserve import TorchServe, free_port
+from harness.torchserve import TorchServe
+from packager.manifest import read_manifest
 from tests.conftest import ROOT, copy_store, serve
-from training.package import read_manifest
 
 PROFILES = {"production": ROOT / "config.properties", "operator": ROOT / "deploy" / "operator.properties"}
 OPERATOR = read_properties(PROFILES["operator"])

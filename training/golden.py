@@ -1,11 +1,9 @@
-"""The golden set: a held-out, stratified sample of the test split packed into every .mar for canary checks.
+"""Build a model's golden set: a stratified sample of the test split it was trained with, and what its own
+artifact predicts for each image (the build-time accuracy the served model must reproduce).
 
     python -m training.golden artifacts/resnet18 OUT_DIR [--size 200]     # writes OUT_DIR/golden.json
-    python -m training.golden --show model_store/digits.mar               # what an archive carries
 
-Images are PNG (lossless), so the served handler decodes exactly the uint8 tensors the offline
-evaluation used, and the recorded build-time accuracy is the figure the served model must reproduce.
-build_mar.sh writes it through training/package.py stage(); deploy/deploy.py reads it from the archive.
+build_mar.sh runs it while staging an image model trained here (packager.stage); packager.golden reads it.
 """
 
 from __future__ import annotations
@@ -16,26 +14,24 @@ import datetime as dt
 import io
 import json
 import sys
-import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset, Subset
 
 from handlers.contract import GOLDEN_FILE, ModelCard
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-    from torch.utils.data import Dataset
-
-# Reading a golden set (deploy.py) must stay light; torch, sklearn and PIL are imported only to build one.
+from handlers.runtimes import load_model
+from training.evaluate import predict, splits_for
 
 DEFAULT_SIZE = 200
 
 
 def encode_png(image: torch.Tensor) -> bytes:
     """uint8 [3, H, W] -> PNG bytes; grey images (equal channels) as 8-bit grey, which decodes to the same RGB."""
-    from PIL import Image
-
     array = image.permute(1, 2, 0).contiguous().numpy()
     grey = bool((array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all())
     pil = Image.fromarray(array[..., 0], mode="L") if grey else Image.fromarray(array, mode="RGB")
@@ -46,9 +42,6 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 def sample_indices(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """A stratified sample of `size` items (all of them when the split is smaller)."""
-    import numpy as np
-    from sklearn.model_selection import train_test_split
-
     idx = np.arange(len(labels))
     if size >= len(labels):
         return idx
@@ -60,8 +53,6 @@ def sample_indices(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def dataset_labels(ds: Dataset) -> np.ndarray:
-    import numpy as np
-
     labels = getattr(ds, "labels", None)
     if labels is not None:
         return np.asarray(labels)
@@ -70,11 +61,6 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
 
 def build(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
     """The golden set for `model_dir`, with the accuracy its own artifact scores on exactly these images."""
-    from torch.utils.data import Subset
-
-    from handlers.runtimes import load_model
-    from training.evaluate import predict, splits_for
-
     card = ModelCard.read(model_dir)
     splits = splits_for(card)
     assert card.data is not None  # splits_for refuses a card without data
@@ -109,50 +95,17 @@ def write(model_dir: Path, out_dir: Path, size: int = DEFAULT_SIZE) -> dict[str,
     return golden
 
 
-def from_archive(mar: Path) -> dict[str, Any]:
-    """The golden set packed in a .mar (a zip), without extracting it."""
-    try:
-        with zipfile.ZipFile(mar) as z:
-            return json.loads(z.read(GOLDEN_FILE))
-    except KeyError as e:
-        raise ValueError(f"{mar} carries no {GOLDEN_FILE}; rebuild it with build_mar.sh") from e
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{mar} is not a readable .mar (zip) archive: {e}") from e
-
-
-def images(golden: dict[str, Any]) -> list[tuple[bytes, str]]:
-    """[(png bytes, expected label)]."""
-    return [(base64.b64decode(it["png"]), it["label"]) for it in golden["items"]]
-
-
-def build_top1(golden: dict[str, Any], limit: int | None = None) -> float:
-    """The build-time accuracy on the first `limit` images (all by default)."""
-    items = golden["items"][:limit]
-    return sum(it["build_label"] == it["label"] for it in items) / len(items)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paths", nargs="+", type=Path, help="MODEL_DIR OUT_DIR, or with --show: ARCHIVE.mar")
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("out_dir", type=Path)
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE)
-    ap.add_argument("--show", action="store_true", help="summarise the golden set inside an archive")
     args = ap.parse_args()
     try:
-        if args.show:
-            g = from_archive(args.paths[0])
-            counts: dict[str, int] = {}
-            for it in g["items"]:
-                counts[it["label"]] = counts.get(it["label"], 0) + 1
-            print(f"{g['n']} images ({g['source']}), build-time top-1 {100 * g['build_top1']:.2f}% "
-                  f"({g['variant']}), per label {counts}")
-        else:
-            if len(args.paths) != 2:
-                sys.exit("error: give MODEL_DIR and OUT_DIR (or --show ARCHIVE.mar)")
-            g = write(args.paths[0], args.paths[1], args.size)
-            print(f"wrote {args.paths[1] / GOLDEN_FILE}: {g['n']} images, build-time top-1 "
-                  f"{100 * g['build_top1']:.2f}%")
+        g = write(args.model_dir, args.out_dir, args.size)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    print(f"wrote {args.out_dir / GOLDEN_FILE}: {g['n']} images, build-time top-1 {100 * g['build_top1']:.2f}%")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ import torch
 from handlers.contract import CardError, ModelCard
 from handlers.cores import restart_with_openmp_env
 from handlers.runtimes import load_model
-from training import gate, speed, support
+from packager import gate
+from packager.pick import REPORT_DIR, write_pick
+from training import speed, support
 from training.export import ParityError
-from training.package import write_pick
 from training.technique import (
     NotSupportedHere,
     Technique,
@@ -68,7 +69,6 @@ DEFAULT_VARIANTS = ("fp32", "sparse", "pruned", "int8", "pruned_int8", "bf16", "
                     "distilled_openvino_bf16", "distilled_openvino_int8", "aoti_cuda", "tensorrt_fp16", "ensemble",
                     "cascade")
 BASELINE = "fp32_eager"
-REPORT_DIR = "optimization"
 # Acceptance targets from the issue, checked (not asserted) in the report.
 TARGETS = {"int8": {"min_speedup_bs8": 6.0, "max_drop_pt": 0.5},
            "pruned_int8": {"min_speedup_bs8": 6.0, "max_drop_pt": 0.5},

@@ -26,7 +26,7 @@ from handlers import machine
 from handlers.contract import CardError, ModelCard, Profile
 from handlers.deprecations import known_deprecations
 from handlers.runtimes import load_model
-from training.stats import percentile
+from packager.stats import median
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -95,7 +95,7 @@ def median_seconds(fn: Callable[[], object], min_time: float = 0.0, min_reps: in
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return percentile(times, 50)
+    return median(times)
 
 
 @torch.inference_mode()
@@ -151,8 +151,8 @@ def benchmark(
                 thr[name] += _time_calls(model, many, throughput_calls)
     return {
         name: {
-            "latency_ms_bs1": round(1000 * percentile(lat[name], 50), 3),
-            f"throughput_bs{batch}": round(batch / percentile(thr[name], 50), 2),
+            "latency_ms_bs1": round(1000 * median(lat[name]), 3),
+            f"throughput_bs{batch}": round(batch / median(thr[name]), 2),
             "timed_calls": len(lat[name]) + len(thr[name]),
         }
         for name in models

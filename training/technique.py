@@ -40,13 +40,12 @@ from handlers.contract import (
 from handlers.deprecations import known_deprecations
 from handlers.loading import load_state_dict, model_from_state_dict
 from handlers.runtimes import Predictor, load_model
+from packager.pick import variant_dir
 from training import support
 from training.data import Splits
 from training.evaluate import evaluate_artifact, splits_for, summary
 from training.export import ParityError, Tolerance, check_parity, to_torchscript
 from training.speed import profile
-
-VARIANTS_DIR = "variants"
 
 
 @dataclass(frozen=True)
@@ -193,10 +192,6 @@ def stacked(technique: type[RuntimeTechnique], precisions: Sequence[str],
             name = "_".join(p for p in (source, technique.runtime, None if precision == "fp32" else precision) if p)
             out.append(technique(name, source, precision))
     return out
-
-
-def variant_dir(parent_dir: Path, variant: str) -> Path:
-    return Path(parent_dir) / VARIANTS_DIR / variant
 
 
 def load_parent(parent_dir: Path) -> tuple[ModelCard, torch.nn.Module]:

@@ -2,7 +2,7 @@
 gate included), and a DAG that sends each request to all members in parallel and fuses their answers with the
 ensemble card's weights (handlers/workflow_ensemble.py).
 
-    python -m training.workflow artifacts/resnet18/variants/ensemble --name digits_wf [--store model_store]
+    python -m packager.workflow artifacts/resnet18/variants/ensemble --name digits_wf [--store model_store]
 
 Writes STORE/<name>_<member>.mar and STORE/<name>.war. Serve with workflow_store set to STORE, register with
 `POST /workflows?url=<name>.war` on the management API (enable_model_api=true), predict with

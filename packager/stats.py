@@ -13,3 +13,8 @@ def percentile(values: Sequence[float], q: float) -> float:
     if len(values) == 0:
         return math.nan
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def median(values: Sequence[float]) -> float:
+    """The 50th percentile: the mean of the two middle values when their number is even; nan when there are none."""
+    return percentile(values, 50)

@@ -1,6 +1,6 @@
 """The accuracy gate: a variant ships only if its held-out top-1 is within a budget of its fp32 parent.
 
-    python -m training.gate artifacts/resnet18/variants/int8 --budget 0.5   # exit 1 if over budget
+    python -m packager.gate artifacts/resnet18/variants/int8 --budget 0.5   # exit 1 if over budget
 """
 
 from __future__ import annotations
