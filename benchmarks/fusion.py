@@ -30,7 +30,7 @@ from handlers.deprecations import known_deprecations
 from handlers.imaging import Normalizer
 from handlers.runtimes import Fused, Predictor, load_model
 from harness.wrk_throughput import ensure_wrk
-from packager.stats import percentile
+from packager.stats import median
 from training.evaluate import splits_for
 from training.speed import environment, thread_count
 from training.technique import variant_dir
@@ -71,7 +71,7 @@ def costs(runs: dict[str, Predictor], images: torch.Tensor, rounds: int) -> dict
             for x in images:
                 run(x[None])
             means[name].append(1000 * (time.perf_counter() - t0) / len(images))
-    out = {name: {"ms_per_image": round(percentile(ms, 50), 3)} for name, ms in means.items()}
+    out = {name: {"ms_per_image": round(median(ms), 3)} for name, ms in means.items()}
     for name, run in runs.items():
         if isinstance(run, Fused) and run.fusion.kind == "cascade":
             out[name]["deferred"] = round(run.deferred / max(1, run.seen), 4)

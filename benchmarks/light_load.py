@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 from tqdm import tqdm
 
 from benchmarks import inputs, stock
 from benchmarks.served import PRIME_S, Bench
+from packager.stats import median
 
 
 @dataclass(frozen=True)

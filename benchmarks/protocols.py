@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from handlers.machine import cpu_model
 from harness.correctness_load import Outcome, Poster, Run, drive
 from harness.gateway import Gateway
 from harness.torchserve import ROOT, TorchServe
+from packager.stats import median
 
 Send = Callable[[bytes], str]  # one image -> its top-1 label
 

@@ -37,7 +37,7 @@ from deploy.processes import torchserve_roles
 from handlers.machine import cpu_label, fingerprint
 from harness.cluster import Replica
 from packager import golden
-from packager.stats import percentile
+from packager.stats import median, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 WARM_UP_S = 300  # growth is measured from the end of the first five minutes
@@ -191,8 +191,8 @@ def growth(windows: list[dict[str, Any]], get: Any) -> float | None:
 def verdict(windows: list[dict[str, Any]], seconds: float, expiry_min: float, rotation: bool) -> dict[str, Any]:
     after = [w for w in windows if w["end_s"] > WARM_UP_S] or windows
     third = max(1, len(after) // 3)
-    p99_first = percentile([w["p99_ms"] for w in after[:third]], 50)
-    p99_last = percentile([w["p99_ms"] for w in after[-third:]], 50)
+    p99_first = median([w["p99_ms"] for w in after[:third]])
+    p99_last = median([w["p99_ms"] for w in after[-third:]])
     figures = {
         "failed": sum(w["failed"] for w in windows), "requests": sum(w["requests"] for w in windows),
         "key_expiries_crossed": int(seconds // (expiry_min * 60)),
