@@ -249,8 +249,8 @@ def decode_jpegs_on(device: torch.device, blobs: list[torch.Tensor]) -> list[tor
 
 def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased resize to size x size. An image far taller than wide is resized lying on its side: torchvision's
-    uint8 pass down a few long columns is ~5x slower than along rows (an 8 x 2,097,160 TIFF took 0.5 s upright,
-    0.1 s on its side). Ordinary pictures never take that path, so their pixels stay exactly as before."""
+    uint8 pass down a few long columns is several times slower than along rows (docs/reliability.md, "Fuzzing").
+    Ordinary pictures never take that path, so their pixels stay exactly as before."""
     h, w = image.shape[-2:]
     if h > 64 * w:
         return TF.resize(image.transpose(-1, -2), [size, size], antialias=True).transpose(-1, -2)
