@@ -128,11 +128,11 @@ class Target:
     def __init__(self, archive: Path, findings: Path | None = None, limit_s: float = 1.0,
                  in_progress: str = IN_PROGRESS) -> None:
         from deploy.oip_gateway import GatewayError, form_mistake
-        from handlers.image_classifier import ImageClassifier
+        from handlers.handler import ModelHandler
         from harness.context import call, make_context, unpack_mar
 
         self.call, self.form_mistake, self.gateway_error = call, form_mistake, GatewayError
-        self.handler = ImageClassifier()
+        self.handler = ModelHandler()
         self.context = make_context(unpack_mar(archive, Path(tempfile.mkdtemp(prefix="fuzz-"))))
         self.handler.initialize(self.context)
         self.input_size = self.handler.card.input.image_size

@@ -2,7 +2,7 @@
 
     python -m benchmarks.inprocess artifacts/resnet18 [--variants artifacts/resnet18/variants] [--only a,b] [--quick]
 
-For each variant, at batch 1 and 8: images/s of `ImageClassifier.handle` on JPEG bodies (decode,
+For each variant, at batch 1 and 8: images/s of `ModelHandler.handle` on JPEG bodies (decode,
 resize, normalize, forward, respond: the served path minus TorchServe) and of `forward` alone on
 an already-normalized batch. Medians of repeated timings at a fixed torch thread count.
 """
@@ -19,7 +19,7 @@ from ts.context import Context
 
 from handlers.contract import CardError, ModelCard
 from handlers.cores import restart_with_openmp_env
-from handlers.image_classifier import ImageClassifier
+from handlers.handler import ModelHandler
 from harness.context import call, make_context
 from training.speed import median_seconds
 
@@ -27,8 +27,8 @@ BATCHES = (1, 8)
 
 
 def load_handler(model_dir: Path, name: str = "bench", batch_size: int = 8, options: dict[str, Any] | None = None,
-                 gpu: bool = False) -> tuple[ImageClassifier, Context]:
-    handler = ImageClassifier()
+                 gpu: bool = False) -> tuple[ModelHandler, Context]:
+    handler = ModelHandler()
     ctx = make_context(model_dir, batch_size, 0 if gpu else None, name=name, config={"handler": options or {}})
     handler.initialize(ctx)
     return handler, ctx
@@ -43,15 +43,15 @@ def measure_variant(model_dir: Path, bodies: list[bytes], min_time: float, optio
     rows = []
     for batch in batches:
         requests = [{"body": bodies[i % len(bodies)]} for i in range(batch)]
-        tensors = torch.stack([handler.decode(r["body"]) for r in requests])
-        normalized = handler.collate(list(tensors))
+        tensors = torch.stack([handler.task.decode(r["body"]) for r in requests])
+        normalized = handler.task.batch(list(tensors))
 
         def with_decode(requests: list[dict[str, Any]] = requests) -> None:
             headers = [{"Content-Type": "image/jpeg"}] * len(requests)
             statuses.update(status for status, _ in call(handler, ctx, requests, headers))
 
         def model_only(x: torch.Tensor = normalized) -> None:
-            out = handler.forward(x)
+            out = handler._predict(x)
             if out.is_cuda:
                 torch.cuda.synchronize()
 

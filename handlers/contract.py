@@ -29,7 +29,8 @@ CARD_FILE = "metadata.json"
 STATE_DICT_FILE = "model.pth"
 TORCHSCRIPT_FILE = "model.pt"
 EXPORTED_FILE = "model.pt2"
-GOLDEN_FILE = "golden.json"
+GOLDEN_FILE = "golden.json"  # in an archive: held-out images with the packed artifact's build-time predictions
+HELD_OUT_FILE = "held_out.json"  # in a trained model directory: the golden set's images, sampled from the test split
 MANIFEST_FILE = "manifest.json"
 KEY_FILE = "key_file.json"  # written by TorchServe in the directory it was started from
 
@@ -43,7 +44,8 @@ COMPANIONS = {"openvino": (".bin",)}  # the IR's weights
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 FUSIONS = ("mean", "weighted", "cascade")
 MEMBERS_DIR = "members"  # an ensemble's members, each a model directory of its own, inside the ensemble's
-TASKS = ("classification", "regression")
+# What a model does: each is served by the module of that name in handlers/tasks/.
+TASKS = ("classification", "regression", "detection")
 REBUILD_HINT = ("recreate it with python -m training.train (or the command that made this variant), "
                 "then rebuild the archive with build_mar.sh")
 
@@ -105,9 +107,14 @@ class InputContract:
             raise CardError(f"field 'input.std' must be positive, got {self.std}")
 
     @property
+    def is_image(self) -> bool:
+        """A square RGB image [3, S, S]."""
+        return len(self.shape) == 3 and self.shape[0] == 3 and self.shape[1] == self.shape[2]
+
+    @property
     def image_size(self) -> int:
         """The side of a square RGB input [3, S, S]."""
-        if len(self.shape) != 3 or self.shape[0] != 3 or self.shape[1] != self.shape[2]:
+        if not self.is_image:
             raise CardError(f"field 'input.shape' is {self.shape}, not a square RGB image [3, S, S]")
         return self.shape[1]
 
@@ -117,10 +124,23 @@ class EvalSummary:
     """Held-out figures of one artifact (the full report stays in eval/<split>/report.json)."""
 
     n: int
-    top1: float
+    top1: float | None = None  # classification
     macro_precision: float | None = None
     macro_recall: float | None = None
     macro_f1: float | None = None
+    map: float | None = None  # detection: COCO mAP@[.5:.95]
+    map50: float | None = None  # detection: COCO mAP@.5
+    per_class_ap: dict[str, float] | None = None  # detection: AP@[.5:.95] per label
+
+    def __post_init__(self) -> None:
+        if (self.top1 is None) == (self.map is None):
+            raise CardError("field 'metrics.test' needs exactly one headline figure: top1 (classification, "
+                            "regression) or map (detection)")
+
+    @property
+    def headline(self) -> tuple[str, float]:
+        """The figure the accuracy gate compares, and its name."""
+        return ("mAP", self.map) if self.map is not None else ("top-1", self.top1)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,28 @@ def architectures() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def detectors() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models.detection))
+
+
 def family(arch: str) -> str:
     """The architecture's torchvision module (resnet, mobilenetv3, vision_transformer, ...): its family."""
     return torchvision.models.get_model_builder(arch).__module__.rpartition(".")[2]
 
 
 def build_model(arch: str, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
-    """A torchvision classification model by name, randomly initialised (nothing downloads).
+    """A torchvision classification or detection model by name, randomly initialised (nothing downloads).
 
     A vision transformer's positional embedding has one entry per patch, so it is built for `image_size`
-    (torchvision's default, 224, when None); the other families take any input size.
+    (torchvision's default, 224, when None); the other families take any input size. A detector's classes
+    include the background, as torchvision counts them.
     """
+    if arch in detectors():
+        return torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=num_classes)
     if arch not in architectures():
         raise ValueError(
-            f"unknown architecture {arch!r}; choose a torchvision classification model such as "
-            "resnet18, mobilenet_v3_small or resnet50"
+            f"unknown architecture {arch!r}; choose a torchvision classification model such as resnet18, "
+            "mobilenet_v3_small or resnet50, or a detector such as fasterrcnn_mobilenet_v3_large_320_fpn"
         )
     sized = {"image_size": image_size} if image_size is not None and family(arch) == "vision_transformer" else {}
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **sized)

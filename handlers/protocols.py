@@ -13,14 +13,17 @@ import binascii
 import json
 import re
 import struct
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 import numpy as np
 import torch
 
 from handlers.errors import InputError
+
+if TYPE_CHECKING:
+    from handlers.tasks import Output
 
 BASE64_KEYS = ("data", "image", "b64")
 # The OIP binary-data extension: the JSON header's length; the binary tensors follow it.
@@ -34,21 +37,38 @@ NUMERIC = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "INT8": "i1", "INT16": "
 
 @dataclass
 class Parsed:
-    """One request: its payloads, in order, and what the caller asked for besides the top-k answer."""
+    """One request: its payloads, in order, and the task's per-request options it carried (unparsed)."""
 
     payloads: list[Any]
-    logits: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] | None = None  # OIP: the outputs the caller named, in its order
     id: str | None = None  # OIP: echoed in the response
 
 
 @dataclass(frozen=True)
 class Model:
-    """What a response names: the served model, and the outputs its task has."""
+    """What a response names: the served model, the outputs its task declares and the options it takes."""
 
     name: str
     version: str
-    outputs: tuple[str, ...]
+    outputs: tuple[Output, ...]
+    options: tuple[str, ...] = ()
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+    def options_in(self, given: Any) -> dict[str, Any]:
+        """The task's options among a JSON object's keys."""
+        return {k: given[k] for k in self.options if k in given} if isinstance(given, dict) else {}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One item's answer: the JSON people read, and the named outputs the Open Inference Protocol renders."""
+
+    json: dict[str, Any]
+    tensors: dict[str, Any]
 
 
 def decode_base64(text: str | bytes, max_bytes: int) -> bytes:
@@ -95,8 +115,8 @@ class Protocol:
         """A request body -> its payloads."""
         raise NotImplementedError
 
-    def respond(self, results: list[dict[str, Any]], parsed: Parsed, model: Model) -> Any:
-        """Per-item results of one request -> its response body."""
+    def respond(self, answers: list[Answer], parsed: Parsed, model: Model) -> Any:
+        """Per-item answers of one request -> its response body."""
         raise NotImplementedError
 
     def error(self, error: InputError) -> Any:
@@ -126,11 +146,11 @@ class Raw(Protocol):
             raise InputError("unsupported_format", "got text that is neither JSON nor a data: URI; send image "
                              "bytes, base64 in JSON, or a data:image/...;base64 URI", 415)
         if isinstance(body, dict):
-            return Parsed([json_payload(body, max_bytes)], logits=bool(body.get("return_logits", False)))
+            return Parsed([json_payload(body, max_bytes)], model.options_in(body))
         return Parsed([body])
 
-    def respond(self, results: list[dict[str, Any]], parsed: Parsed, model: Model) -> Any:
-        return results[0]
+    def respond(self, answers: list[Answer], parsed: Parsed, model: Model) -> Any:
+        return answers[0].json
 
     def error(self, error: InputError) -> Any:
         return error.body()
@@ -143,19 +163,20 @@ class KServeV1(Protocol):
         instances = body["instances"]
         if not isinstance(instances, list) or not instances:
             raise InputError("bad_request", 'KServe v1 "instances" must be a non-empty list')
-        return Parsed([json_payload(x, max_bytes) for x in instances], logits=bool(body.get("return_logits")))
+        return Parsed([json_payload(x, max_bytes) for x in instances], model.options_in(body))
 
-    def respond(self, results: list[dict[str, Any]], parsed: Parsed, model: Model) -> Any:
-        return {"predictions": results}
+    def respond(self, answers: list[Answer], parsed: Parsed, model: Model) -> Any:
+        return {"predictions": [a.json for a in answers]}
 
 
 class OpenInference(Protocol):
     """The Open Inference Protocol (KServe v2) infer request, in JSON or with the binary-data extension.
 
     One input: BYTES (encoded images: binary, base64 or a data: URI) or a numeric tensor whose first
-    dimension is the batch. Outputs: `labels` (BYTES) and `probabilities` (FP32), both [n, k], and
-    `logits` (FP32, [n, classes]) when named in "outputs" or asked by the `return_logits` parameter;
-    regression models answer `values` (FP32, [n, d]).
+    dimension is the batch. Outputs: the task's declared outputs, first dimension the items of the request
+    (classification: `labels` and `probabilities` [n, k], and `logits` when named in "outputs" or asked by the
+    `return_logits` parameter; detection: `boxes` [n, m, 4], `scores` and `labels` [n, m], `count` [n]).
+    The task's options travel as request parameters.
     """
 
     def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
@@ -172,13 +193,12 @@ class OpenInference(Protocol):
                              "this model has one input")
         params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
         outputs = self.requested_outputs(body.get("outputs"))
-        unknown = [n for n in outputs or () if n not in model.outputs]
+        unknown = [n for n in outputs or () if n not in model.output_names]
         if unknown:  # refused before any decoding or inference is spent on it
             raise InputError("unknown_output", f"outputs {unknown} are not served; this model answers "
-                             f"{list(model.outputs)}")
+                             f"{model.output_names}")
         request_id = body.get("id")
-        return Parsed(input_payloads(inputs[0], binary, max_bytes),
-                      logits=bool(params.get("return_logits")) or "logits" in (outputs or ()),
+        return Parsed(input_payloads(inputs[0], binary, max_bytes), model.options_in(params),
                       outputs=outputs, id=str(request_id) if request_id is not None else None)
 
     @staticmethod
@@ -189,9 +209,9 @@ class OpenInference(Protocol):
             raise InputError("bad_request", 'OIP "outputs" must be a list of {"name": ...}')
         return [str(o["name"]) for o in outputs]
 
-    def respond(self, results: list[dict[str, Any]], parsed: Parsed, model: Model) -> Any:
-        tensors = output_tensors(results)
-        names = parsed.outputs or [n for n in tensors if n != "logits" or parsed.logits]
+    def respond(self, answers: list[Answer], parsed: Parsed, model: Model) -> Any:
+        tensors = output_tensors([a.tensors for a in answers], model.outputs)
+        names = parsed.outputs or list(tensors)
         response: dict[str, Any] = {"model_name": model.name, "model_version": model.version,
                                     "outputs": [tensors[n] for n in names]}
         if parsed.id is not None:
@@ -268,22 +288,25 @@ def split_bytes(raw: bytes) -> list[bytes]:
     return items
 
 
-def output_tensors(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per-item results -> OIP output tensors, row-major, first dimension the items of the request."""
-    n = len(results)
-    if "values" in results[0]:
-        values = [v for r in results for v in r["values"]]
-        return {"values": {"name": "values", "datatype": "FP32", "shape": [n, len(values) // n], "data": values}}
-    k = len(results[0]["probabilities"])
-    tensors = {
-        "labels": {"name": "labels", "datatype": "BYTES", "shape": [n, k],
-                   "data": [label for r in results for label in r["probabilities"]]},
-        "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [n, k],
-                          "data": [p for r in results for p in r["probabilities"].values()]},
-    }
-    if "logits" in results[0]:
-        logits = [x for r in results for x in r["logits"]]
-        tensors["logits"] = {"name": "logits", "datatype": "FP32", "shape": [n, len(logits) // n], "data": logits}
+def output_tensors(rows: list[dict[str, Any]], outputs: tuple[Output, ...]) -> dict[str, dict[str, Any]]:
+    """Per-item named outputs -> OIP output tensors, row-major, first dimension the items of the request. An output
+    whose declared shape starts with -1 (a detector's boxes) is padded to the request's longest item."""
+    tensors = {}
+    for o in outputs:
+        if o.name not in rows[0]:
+            continue
+        items = [r[o.name] for r in rows]
+        if o.shape[:1] == (-1,):
+            longest = max(len(x) for x in items)
+            filler = o.pad
+            for d in reversed(o.shape[1:]):
+                filler = [filler] * d
+            items = [list(x) + [filler] * (longest - len(x)) for x in items]
+            shape = [len(rows), longest, *o.shape[1:]]
+        else:
+            shape = [len(rows), *np.shape(items[0])]
+        data = np.asarray(items, dtype=object if o.datatype == "BYTES" else None).reshape(-1).tolist()
+        tensors[o.name] = {"name": o.name, "datatype": o.datatype, "shape": shape, "data": data}
     return tensors
 
 

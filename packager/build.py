@@ -43,8 +43,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--archive", metavar="FILE", help="archive file name without .mar (default: NAME)")
     ap.add_argument("--pick", metavar="KIND", help="package the variant of MODEL_DIR that python -m "
                     f"training.optimize MODEL_DIR --pick chose on this machine: {' | '.join(PICK_KINDS)}")
-    ap.add_argument("--handler", default="image_classifier", metavar="NAME", help="handler module in handlers/ "
-                    "(default: image_classifier)")
+    ap.add_argument("--handler", default="handler", metavar="NAME", help="handler module in handlers/ "
+                    "(default: handler, which serves every task in handlers/tasks/)")
     ap.add_argument("--config", type=Path, metavar="FILE", help="model-config.yaml to pack as is (default: "
                     "handlers/model-config.yaml, with the tuner's choice for this variant, "
                     "MODEL_DIR/tuned-config.yaml, over it when present)")

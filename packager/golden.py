@@ -4,21 +4,23 @@
 
 Images are PNG (lossless), so the served handler decodes exactly the uint8 tensors the offline
 evaluation used, and the recorded build-time accuracy is the figure the served model must reproduce.
-training.golden builds it (from the test split the model was trained with), packager.stage packs it,
-deploy.canary reads it from the archive. Reading it stays light: no torch.
+training samples the images (held_out.json beside the trained model), `build` adds what the packed artifact
+predicts for each, packager.stage packs the result and deploy.canary reads it from the archive. Reading it
+stays light: torch is imported only to build.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import datetime as dt
 import json
 import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from handlers.contract import GOLDEN_FILE
+from handlers.contract import GOLDEN_FILE, HELD_OUT_FILE, ModelCard
 
 
 def from_archive(mar: Path) -> dict[str, Any]:
@@ -30,6 +32,44 @@ def from_archive(mar: Path) -> dict[str, Any]:
         raise ValueError(f"{mar} carries no {GOLDEN_FILE}; rebuild it with build_mar.sh") from e
     except zipfile.BadZipFile as e:
         raise ValueError(f"{mar} is not a readable .mar (zip) archive: {e}") from e
+
+
+def held_out(model_dir: Path, card: ModelCard) -> dict[str, Any]:
+    """The sampled images of `card`'s test split: beside the model, or beside the parent a variant was made from."""
+    model_dir = Path(model_dir)
+    places = [model_dir, *([Path(card.parent.dir)] if card.parent else []),
+              *([model_dir.parent.parent] if model_dir.parent.name == "variants" else [])]
+    path = next((d / HELD_OUT_FILE for d in places if (d / HELD_OUT_FILE).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"no {HELD_OUT_FILE} in {' or '.join(map(str, places))}; write it with: python -m "
+                                f"training.golden {places[-1]}")
+    sample = json.loads(path.read_text())
+    if card.data is None or sample["fingerprint"] != card.data.fingerprint:
+        raise ValueError(f"{path} was sampled from other data than {card.variant} was trained on; write it again "
+                         f"with: python -m training.golden {path.parent}")
+    return sample
+
+
+def build(model_dir: Path, card: ModelCard, batch: int = 64) -> dict[str, Any]:
+    """The golden set: the held-out sample, with what the artifact in `model_dir` predicts for each image."""
+    import torch
+
+    from handlers.imaging import Normalizer, decode_image, resize_batch
+    from handlers.runtimes import load_model
+
+    sample = held_out(model_dir, card)
+    model = load_model(model_dir, card, repeatable=True)
+    normalize, size = Normalizer(card.input.mean, card.input.std), card.input.image_size
+    pictures = [decode_image(base64.b64decode(it["png"])) for it in sample["items"]]
+    with torch.inference_mode():
+        predicted = [int(i) for start in range(0, len(pictures), batch)
+                     for i in model(normalize(resize_batch(pictures[start:start + batch], size))).argmax(1)]
+    items = [{"label": it["label"], "build_label": card.labels[p], "png": it["png"]}
+             for it, p in zip(sample["items"], predicted, strict=True)]
+    return {**{k: sample[k] for k in ("source", "fingerprint", "indices")}, "n": len(items),
+            "build_top1": round(sum(it["label"] == it["build_label"] for it in items) / len(items), 6),
+            "artifact": card.artifact, "variant": card.variant,
+            "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "items": items}
 
 
 def images(golden: dict[str, Any]) -> list[tuple[bytes, str]]:

@@ -3,8 +3,8 @@ package, the files the runtime reads beside the artifact, the golden set, the ex
 
 from __future__ import annotations
 
+import json
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from handlers import machine
-from handlers.contract import Explainer, ModelCard
+from handlers.contract import GOLDEN_FILE, Explainer, ModelCard
+from packager import golden
 from packager.config import serving_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,13 +41,9 @@ def explainer_weights(model_dir: Path, card: ModelCard) -> tuple[Path, Explainer
     return parent_dir / parent.checkpoint, Explainer(EXPLAIN_FILE, parent.architecture, parent.variant)
 
 
-def write_golden(model_dir: Path, out: Path) -> None:
-    """The golden set, built by training (it rebuilds the test split the model was trained with). Packaging
-    imports nothing from training, so this one step runs as its own process."""
-    result = subprocess.run([sys.executable, "-m", "training.golden", str(model_dir), str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise ValueError(f"the golden set of {model_dir} was not built (python -m training.golden, above)")
+def handler_sources() -> list[tuple[Path, str]]:
+    """The handlers package an archive carries (tasks included): (source file, path inside the archive)."""
+    return [(src, src.relative_to(ROOT).as_posix()) for src in sorted((ROOT / "handlers").rglob("*.py"))]
 
 
 def stage(model_dir: Path, out: Path, config: Path | None, device: str, version: str | None,
@@ -85,13 +82,14 @@ def stage(model_dir: Path, out: Path, config: Path | None, device: str, version:
         weights, explainer = explainer_weights(model_dir, card)
         shutil.copy2(weights, extra / EXPLAIN_FILE)
         card = card.replace(explainer=explainer)
-    for src in sorted((ROOT / "handlers").glob("*.py")):
-        shutil.copy2(src, extra / "handlers" / src.name)
+    for src, name in handler_sources():
+        (extra / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, extra / name)
     card.write(extra)
     for name in card.files[1:]:  # the artifact itself is the archiver's --serialized-file
         (extra / name).parent.mkdir(parents=True, exist_ok=True)  # an ensemble's members keep their folders
         shutil.copy2(model_dir / name, extra / name)
     if card.data is not None:  # image models trained here: held-out images + build-time accuracy, for the canary
-        write_golden(model_dir, extra)
+        (extra / GOLDEN_FILE).write_text(json.dumps(golden.build(model_dir, card), separators=(",", ":")) + "\n")
     (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return Staged(card.name, card.version, artifact, cfg["deviceType"], sources)

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from handlers.contract import MEMBERS_DIR, ModelCard
+from packager.stage import handler_sources
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "handlers" / "workflow_ensemble.py"
@@ -72,8 +73,8 @@ def build(ensemble_dir: Path, name: str, store: Path, budget: float, batch_size:
             raise ValueError(f"torch-workflow-archiver failed:\n{result.stdout}{result.stderr}")
     # The archiver copies extra files flat; the function nodes import the handlers package, as a .mar's do.
     with zipfile.ZipFile(war, "a") as z:
-        for src in sorted((ROOT / "handlers").glob("*.py")):
-            z.write(src, f"handlers/{src.name}")
+        for src, name in handler_sources():
+            z.write(src, name)
     return war
 
 

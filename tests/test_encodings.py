@@ -18,7 +18,7 @@ from PIL import Image, JpegImagePlugin
 from sklearn.datasets import load_digits
 
 from handlers.errors import InputError
-from handlers.image_classifier import ImageClassifier
+from handlers.handler import ModelHandler
 from handlers.imaging import ALPHA_BACKGROUND, decode_image, decode_jpegs_on, inspect_image
 from harness import encodings as enc
 from harness.context import call, make_context, unpack_mar
@@ -268,8 +268,8 @@ def test_bmp_alpha_is_composited_unless_it_is_all_zero() -> None:
 
 # --- (b) labels through the real handler ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def handler(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ImageClassifier, object]:
-    h = ImageClassifier()
+def handler(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelHandler, object]:
+    h = ModelHandler()
     ctx = make_context(unpack_mar(model_store / "digits.mar", tmp_path_factory.mktemp("unpacked")))
     h.initialize(ctx)
     return h, ctx

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from benchmarks.tools import ensure_captum
-from handlers.image_classifier import ImageClassifier
+from handlers.handler import ModelHandler
 from harness.context import call, make_context, unpack_mar
 from harness.torchserve import TorchServe
 from tests.conftest import build_mar, copy_store, serve
@@ -67,7 +67,7 @@ def test_without_captum_or_without_weights_the_answer_is_501(store: Path, images
     for mar, code, hint in (("digits_x.mar", "explanations_unavailable", "pip install captum"),
                             ("digits.mar", "explanations_not_packed", "--explain")):
         model_dir = unpack_mar(store / mar, tmp_path / mar)
-        handler, ctx = ImageClassifier(), make_context(model_dir)
+        handler, ctx = ModelHandler(), make_context(model_dir)
         handler.initialize(ctx)
         rows = [{"body": bytearray(png)}, {"body": bytearray(png)}]
         (status, body), (predicted, answer) = call(handler, ctx, rows, [{"explain": "True"}, {}])

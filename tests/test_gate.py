@@ -129,7 +129,7 @@ def test_a_variants_tuned_keys_pack_over_the_shared_config_and_an_explicit_confi
         assert str(tuned) in build_mar(int8, store, "--name", "tuned").stdout  # the build names its sources
         cfg = packed("tuned")
         assert (cfg["batchSize"], cfg["maxBatchDelay"], cfg["handler"]["threads"]) == (4, 7, "auto")
-        assert cfg["handler"]["topk"] == shared["handler"]["topk"] and cfg["responseTimeout"] == shared[
+        assert cfg["handler"]["max_bytes"] == shared["handler"]["max_bytes"] and cfg["responseTimeout"] == shared[
             "responseTimeout"]  # everything else still comes from the shared file
         build_mar(int8, store, "--name", "plain", "--config", str(ROOT / "handlers" / "model-config.yaml"))
         assert packed("plain")["batchSize"] == shared["batchSize"]

@@ -19,9 +19,10 @@ from torchvision.io import encode_jpeg, encode_png
 from handlers.contract import CARD_FILE, EXPORTED_FILE, STATE_DICT_FILE, TORCHSCRIPT_FILE, ModelCard
 from handlers.cores import OPENMP_ENV
 from handlers.deprecations import known_deprecations
-from handlers.image_classifier import ImageClassifier
+from handlers.handler import ModelHandler, read_settings, threads_for
 from handlers.imaging import Normalizer, decode_image, resize_batch
 from handlers.loading import build_model, load_state_dict
+from handlers.tasks.classification import Classification
 from harness.context import call, make_context, unpack_mar
 from tests.bad_inputs import corpus
 from tests.test_cores import hold_cores
@@ -33,8 +34,8 @@ def model_dir(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def handler(model_dir: Path) -> tuple[ImageClassifier, object]:
-    h = ImageClassifier()
+def handler(model_dir: Path) -> tuple[ModelHandler, object]:
+    h = ModelHandler()
     ctx = make_context(model_dir)
     h.initialize(ctx)
     return h, ctx
@@ -70,31 +71,25 @@ def test_threads_per_worker(handler, model_dir: Path) -> None:
     cores = len(os.sched_getaffinity(0))
     workers = yaml.safe_load((model_dir / "model-config.yaml").read_text())["maxWorkers"]
     assert workers >= 1 and h.threads == cores and h.cores is not None  # the shipped config: threads lease
-    assert h.describe()["serving"]["thread_policy"] == "lease"
-    probe = ImageClassifier()
-    probe.device = torch.device("cpu")
-    probe.options = {"threads": "auto"}
-    assert probe.pick_threads(1) == cores and probe.pick_threads(4 * cores) == 1
-    probe.options = {"threads": 3}
-    assert probe.pick_threads(2) == 3
+    assert h._describe()["serving"]["thread_policy"] == "lease"
+    assert threads_for("auto", 1) == cores and threads_for("auto", 4 * cores) == 1 and threads_for(3, 2) == 3
     for bad in ("many", 0, True, 1.5):
-        probe.options = {"threads": bad}
         with pytest.raises(ValueError, match="threads must be 'lease', 'auto' or a positive integer.*model-config"):
-            probe.pick_threads(1)
+            threads_for(bad, 1)
 
 
 def test_a_leasing_handler_names_the_openmp_setting_it_was_started_without(model_dir: Path, monkeypatch,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     for key in OPENMP_ENV:
         monkeypatch.delenv(key, raising=False)
-    with caplog.at_level(logging.WARNING, logger="handlers.base"):
-        ImageClassifier().initialize(make_context(model_dir))
+    with caplog.at_level(logging.WARNING, logger="handlers.handler"):
+        ModelHandler().initialize(make_context(model_dir))
     warned = [r.getMessage() for r in caplog.records if "OpenMP" in r.getMessage()]
     assert len(warned) == 1 and all(f"{k}={v}" in warned[0] for k, v in OPENMP_ENV.items()), warned
     caplog.clear()
     monkeypatch.setenv(*next(iter(OPENMP_ENV.items())))
-    with caplog.at_level(logging.WARNING, logger="handlers.base"):
-        ImageClassifier().initialize(make_context(model_dir))
+    with caplog.at_level(logging.WARNING, logger="handlers.handler"):
+        ModelHandler().initialize(make_context(model_dir))
     assert not [r for r in caplog.records if "OpenMP" in r.getMessage()]
 
 
@@ -103,8 +98,8 @@ def test_each_batch_runs_on_the_cores_it_leased(handler, tmp_path: Path) -> None
     h, ctx = handler
     cores = len(os.sched_getaffinity(0))
     seen: list[int] = []
-    forward = h.forward
-    h.forward = lambda batch: (seen.append(torch.get_num_threads()), forward(batch))[1]  # type: ignore[method-assign]
+    forward = h._predict
+    h._predict = lambda batch: (seen.append(torch.get_num_threads()), forward(batch))[1]  # type: ignore[method-assign]
     body = {"body": encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8)).numpy().tobytes()}
     try:
         assert call(h, ctx, [body])[0][0] == 200
@@ -112,17 +107,17 @@ def test_each_batch_runs_on_the_cores_it_leased(handler, tmp_path: Path) -> None
             with hold_cores(h.cores.directory, 1):
                 assert call(h, ctx, [body])[0][0] == 200
     finally:
-        h.forward = forward  # type: ignore[method-assign]
+        h._predict = forward  # type: ignore[method-assign]
     assert seen == [cores, cores - 1][:len(seen)] and len(seen) == min(cores, 2)
 
 
 def test_an_unknown_handler_option_is_refused_naming_it(model_dir: Path, tmp_path: Path) -> None:
     """A typo, or the removed compile option, must not be ignored quietly: the worker refuses to load."""
-    for key, hint in (("topK", "known: topk"), ("compile", "build the compile variant")):
+    for key, hint in (("topK", "known: .*topk"), ("compile", "build the compile variant")):
         dest = with_runtime(model_dir, tmp_path / key, "torchscript", options={key: True})
         with pytest.raises(ValueError, match=f"unknown handler option.*{key}.*{hint}"):
-            ImageClassifier().initialize(make_context(dest))
-    assert ImageClassifier.read_options({"topk": 3})["topk"] == 3
+            ModelHandler().initialize(make_context(dest))
+    assert read_settings({"topk": 3}, Classification)["topk"] == 3
 
 
 def test_png_jpeg_and_base64_predictions_match_offline_eager(handler, eager, tiny_card, tiny_splits) -> None:
@@ -147,7 +142,7 @@ def test_png_jpeg_and_base64_predictions_match_offline_eager(handler, eager, tin
 def test_bad_items_get_their_own_4xx_and_good_ones_still_answer(handler, tiny_splits, tiny_card) -> None:
     h, ctx = handler
     good = encode_png(tiny_splits.test[0][0]).numpy().tobytes()
-    bad = corpus(tiny_splits.test[0][0], tiny_card.input.image_size, h.options["max_bytes"])
+    bad = corpus(tiny_splits.test[0][0], tiny_card.input.image_size, h.settings["max_bytes"])
     rows, expected = [], []
     for item in bad:
         body = item.body if isinstance(item.body, (dict, list)) else bytearray(item.body)
@@ -200,10 +195,16 @@ def test_an_unknown_oip_output_is_refused_in_the_protocols_error_form(handler, t
 def test_logits_on_request_and_describe(handler, tiny_splits, tiny_card) -> None:
     h, ctx = handler
     png64 = base64.b64encode(encode_png(tiny_splits.test[2][0]).numpy().tobytes()).decode()
-    results = call(h, ctx, [{"body": {"data": png64, "return_logits": True}}, {"body": b""}],
-                   headers=[{}, {"describe": "True"}])
+    png = base64.b64decode(png64)
+    results = call(h, ctx, [{"body": {"data": png64, "return_logits": True}}, {"body": b""},
+                            {"body": bytearray(png)}, {"body": bytearray(png), "return_logits": b"true"},
+                            {"body": bytearray(png)}],
+                   headers=[{}, {"describe": "True"}, {"X-Return-Logits": "true"}, {}, {"X-Return-Logits": "maybe"}])
     logits = torch.tensor(results[0][1]["logits"])
     assert logits.shape == (10,) and tiny_card.labels[int(logits.argmax())] == results[0][1]["label"]
+    # The same option as a header (a raw body: TorchServe passes no query parameters) or a form field.
+    assert results[2][1]["logits"] == results[3][1]["logits"] == results[0][1]["logits"]
+    assert results[4][0] == 422 and results[4][1]["error"]["code"] == "bad_option"
     assert results[1][0] == 200
     described = results[1][1]
     # The card as packed in the archive, read back through the one parser.
@@ -230,11 +231,11 @@ def test_custom_metrics_are_emitted(handler, tiny_splits, caplog: pytest.LogCapt
 @pytest.mark.parametrize("options", [{}, {"gpu_decode": True, "amp": "bf16"}])
 def test_gpu_worker_matches_cpu(model_dir: Path, handler, tiny_splits, options: dict) -> None:
     cpu, cpu_ctx = handler
-    h = ImageClassifier()
+    h = ModelHandler()
     ctx = make_context(model_dir, gpu=0)
     ctx.model_yaml_config["handler"].update(options)
     h.initialize(ctx)
-    assert h.device.type == "cuda" and h.gpu_decode == bool(options.get("gpu_decode"))
+    assert h.device.type == "cuda" and h.task.gpu_decode == bool(options.get("gpu_decode"))
     images = [tiny_splits.test[i][0] for i in range(16)]
     rows = [{"body": bytearray(encode_jpeg(im, quality=90).numpy().tobytes())} for im in images]
     gpu_labels = [b["label"] for s, b in call(h, ctx, rows) if s == 200]
@@ -258,7 +259,7 @@ def with_runtime(model_dir: Path, dest: Path, runtime: str, artifact: Path | Non
 
 
 def served_labels(model_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
-    h = ImageClassifier()
+    h = ModelHandler()
     ctx = make_context(model_dir)
     h.initialize(ctx)
     results = call(h, ctx, rows)
@@ -289,7 +290,7 @@ def test_state_dict_and_exported_program_artifacts_serve_the_same_labels(model_d
     assert len(labels["export"]) == 12
 
 
-class BuggyDecoder(ImageClassifier):
+class BuggyDecoder(Classification):
     """A decoder with a bug that one payload triggers: the handler must blame itself (500), not the client."""
 
     def decode(self, payload: Any) -> torch.Tensor:
@@ -300,11 +301,13 @@ class BuggyDecoder(ImageClassifier):
 
 def test_a_decoder_bug_is_a_500_for_that_request_only(model_dir: Path, tiny_splits,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    h = BuggyDecoder()
+    h = ModelHandler()
     ctx = make_context(model_dir)
     h.initialize(ctx)
+    h.task = BuggyDecoder(h.card, h.settings, h.device)
+    h.task.setup()
     good = bytearray(encode_png(tiny_splits.test[0][0]).numpy().tobytes())
-    with caplog.at_level(logging.ERROR, logger="handlers.base"):
+    with caplog.at_level(logging.ERROR, logger="handlers.handler"):
         results = call(h, ctx, [{"body": good}, {"body": b"trigger the bug"}, {"body": good}])
     assert [s for s, _ in results] == [200, 500, 200]
     error = results[1][1]["error"]
@@ -322,13 +325,13 @@ def test_batch_decoding_isolates_a_corrupt_jpeg(model_dir: Path, handler, tiny_s
     """gpu_decode decodes a batch's JPEGs in one nvjpeg call, and one damaged JPEG fails that call. The same batched
     call runs with torchvision's CPU decoder when the worker is on CPU, so the isolation is tested on both."""
     cpu, cpu_ctx = handler
-    h = ImageClassifier()
+    h = ModelHandler()
     ctx = make_context(model_dir, gpu=gpu)
     ctx.model_yaml_config["handler"]["gpu_decode"] = True
     h.initialize(ctx)
     if gpu is None:
-        h.gpu_decode = True  # on CPU the option is off by design; turn the batched path on to test it here
-    assert h.gpu_decode
+        h.task.gpu_decode = True  # on CPU the option is off by design; turn the batched path on to test it here
+    assert h.task.gpu_decode
     jpegs = [encode_jpeg(tiny_splits.test[i][0], quality=90).numpy().tobytes() for i in range(3)]
     truncated = jpegs[1][: len(jpegs[1]) // 2]
     png = encode_png(tiny_splits.test[3][0]).numpy().tobytes()
@@ -347,7 +350,7 @@ def test_a_malformed_card_in_an_archive_fails_the_load_naming_the_field(model_di
     data["input"]["mean"] = "0.5"
     (broken / CARD_FILE).write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"metadata\.json: field 'input\.mean' must be a list"):
-        ImageClassifier().initialize(make_context(broken))
+        ModelHandler().initialize(make_context(broken))
 
 
 @pytest.mark.slow
@@ -358,7 +361,7 @@ def test_the_compile_runtime_serves_the_labels_of_eager_and_compiles_at_warm_up(
     rows = [{"body": bytearray(encode_png(tiny_splits.test[i][0]).numpy().tobytes())} for i in range(8)]
     served = {}
     for runtime in ("eager", "compile"):
-        h = ImageClassifier()
+        h = ModelHandler()
         ctx = make_context(with_runtime(model_dir, tmp_path / runtime, runtime, tiny_model / STATE_DICT_FILE))
         h.initialize(ctx)
         results = call(h, ctx, rows)
@@ -367,8 +370,8 @@ def test_the_compile_runtime_serves_the_labels_of_eager_and_compiles_at_warm_up(
     (eager, eager_labels), (compiled, compiled_labels) = served["eager"], served["compile"]
     assert type(compiled.model).__name__ == "OptimizedModule" and type(eager.model).__name__ != "OptimizedModule"
     assert compiled_labels == eager_labels
-    startup = {runtime: h.describe()["serving"]["startup"] for runtime, (h, _) in served.items()}
-    assert {h.describe()["serving"]["runtime"] for h, _ in served.values()} == {"eager", "compile"}
+    startup = {runtime: h._describe()["serving"]["startup"] for runtime, (h, _) in served.items()}
+    assert {h._describe()["serving"]["runtime"] for h, _ in served.values()} == {"eager", "compile"}
     # The same weights and warm-up batches: what the compile runtime adds to the warm-up is the compile (seconds of
     # dynamo and Inductor against the eager warm-up's milliseconds), and its load, a wrapper, does not pay it.
     assert startup["compile"]["warm_up_s"] > startup["compile"]["load_s"]

@@ -12,7 +12,7 @@ from sklearn.model_selection import train_test_split
 
 from handlers.contract import TORCHSCRIPT_FILE, EvalSummary, InputContract, Metrics, ModelCard, Recipe
 from handlers.deprecations import known_deprecations
-from handlers.tensor_classifier import TensorClassifier
+from handlers.handler import ModelHandler
 from harness.context import call, make_context, unpack_mar
 from tests.conftest import build_mar
 
@@ -45,9 +45,9 @@ def mlp_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray,
 
 def test_tensor_handler_serves_features_and_rejects_bad_tensors(mlp_dir, tmp_path: Path) -> None:
     model_dir, x_te, y_te = mlp_dir
-    build_mar(model_dir, tmp_path / "store", "--handler", "tensor_classifier")
+    build_mar(model_dir, tmp_path / "store", "--handler", "handler")
     unpacked = unpack_mar(tmp_path / "store" / "digits_mlp.mar", tmp_path / "unpacked")
-    handler = TensorClassifier()
+    handler = ModelHandler()
     ctx = make_context(unpacked)
     handler.initialize(ctx)
     rows = [{"body": {"data": x_te[i].tolist()}} for i in range(20)]
@@ -59,7 +59,7 @@ def test_tensor_handler_serves_features_and_rejects_bad_tensors(mlp_dir, tmp_pat
     assert np.mean(np.array(served) == y_te[:20]) >= 0.85
     assert [(s, b["error"]["code"]) for s, b in results[20:]] == [
         (422, "wrong_shape"), (422, "non_finite"), (415, "unsupported_format"), (422, "wrong_dtype")]
-    described = handler.describe()
+    described = handler._describe()
     assert described["serving"]["input_shape"] == [64] and described["card"]["architecture"] == "mlp-64-64-10"
 
 
@@ -69,7 +69,7 @@ def test_tensor_handler_regression_returns_values(mlp_dir, tmp_path: Path) -> No
     reg_dir.mkdir()
     (reg_dir / TORCHSCRIPT_FILE).write_bytes((model_dir / TORCHSCRIPT_FILE).read_bytes())
     ModelCard.read(model_dir).replace(task="regression").write(reg_dir)
-    handler = TensorClassifier()
+    handler = ModelHandler()
     ctx = make_context(reg_dir, name="reg", config={"handler": {}})
     handler.initialize(ctx)
     [(status, body)] = call(handler, ctx, [{"body": {"data": x_te[0].tolist()}}])

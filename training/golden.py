@@ -1,16 +1,16 @@
-"""Build a model's golden set: a stratified sample of the test split it was trained with, and what its own
-artifact predicts for each image (the build-time accuracy the served model must reproduce).
+"""Sample a model's golden set: a stratified sample of the test split it was trained with, as PNGs with labels.
 
-    python -m training.golden artifacts/resnet18 OUT_DIR [--size 200]     # writes OUT_DIR/golden.json
+    python -m training.golden artifacts/resnet18 [--size 200]     # writes artifacts/resnet18/held_out.json
 
-build_mar.sh runs it while staging an image model trained here (packager.stage); packager.golden reads it.
+training.train writes it beside every model it trains; build_mar.sh (packager.golden) adds what the packed
+artifact predicts for each image, the build-time accuracy the served model must reproduce. Run it by hand only
+for a model directory trained before this file existed.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import io
 import json
 import sys
@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from handlers.contract import GOLDEN_FILE, ModelCard
-from handlers.runtimes import load_model
-from training.evaluate import predict, splits_for
+from handlers.contract import HELD_OUT_FILE, ModelCard
+from training.evaluate import splits_for
 
 DEFAULT_SIZE = 200
 
@@ -59,53 +58,36 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
     return np.array([int(ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]
 
 
-def build(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
-    """The golden set for `model_dir`, with the accuracy its own artifact scores on exactly these images."""
+def sample(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
+    """A stratified sample of the test split `model_dir` was trained with, as PNGs with their labels."""
     card = ModelCard.read(model_dir)
     splits = splits_for(card)
     assert card.data is not None  # splits_for refuses a card without data
     chosen = sample_indices(dataset_labels(splits.test), size, card.data.spec.seed)
-    subset = Subset(splits.test, chosen.tolist())
-    model = load_model(model_dir, card, repeatable=True)
-    logits, labels = predict(model, subset, card.input.mean, card.input.std)
-    preds = logits.argmax(1)
-    top1 = float((preds == labels).float().mean())
     items = []
-    for i in range(len(subset)):
-        image, label = subset[i]
-        # build_label: what the artifact predicted offline, so any subset's build-time accuracy is exact.
-        items.append({"label": card.labels[int(label)], "build_label": card.labels[int(preds[i])],
-                      "png": base64.b64encode(encode_png(image)).decode()})
-    return {
-        "source": f"test split of {card.data.spec.source}, stratified sample",
-        "fingerprint": card.data.fingerprint,
-        "indices": chosen.tolist(),
-        "n": len(items),
-        "build_top1": round(top1, 6),
-        "artifact": card.artifact,
-        "variant": card.variant,
-        "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "items": items,
-    }
+    for i in chosen.tolist():
+        image, label = splits.test[i]
+        items.append({"label": card.labels[int(label)], "png": base64.b64encode(encode_png(image)).decode()})
+    return {"source": f"test split of {card.data.spec.source}, stratified sample",
+            "fingerprint": card.data.fingerprint, "indices": chosen.tolist(), "items": items}
 
 
-def write(model_dir: Path, out_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
-    golden = build(model_dir, size)
-    (out_dir / GOLDEN_FILE).write_text(json.dumps(golden, separators=(",", ":")) + "\n")
-    return golden
+def write(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
+    held_out = sample(model_dir, size)
+    (Path(model_dir) / HELD_OUT_FILE).write_text(json.dumps(held_out, separators=(",", ":")) + "\n")
+    return held_out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("out_dir", type=Path)
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE)
     args = ap.parse_args()
     try:
-        g = write(args.model_dir, args.out_dir, args.size)
+        held_out = write(args.model_dir, args.size)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {args.out_dir / GOLDEN_FILE}: {g['n']} images, build-time top-1 {100 * g['build_top1']:.2f}%")
+    print(f"wrote {args.model_dir / HELD_OUT_FILE}: {len(held_out['items'])} images")
 
 
 if __name__ == "__main__":

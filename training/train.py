@@ -49,7 +49,7 @@ from handlers.contract import (
 )
 from handlers.imaging import Normalizer
 from handlers.loading import architectures, build_model
-from training import distributed, recipe, resume, transfer
+from training import distributed, golden, recipe, resume, transfer
 from training.data import Splits, channel_stats, load_splits, loader
 from training.evaluate import classification_metrics, predict, summary, write_report
 
@@ -289,6 +289,7 @@ def train(args: argparse.Namespace) -> ModelCard | None:
         metrics=Metrics(test=summary(result), val_top1=round(best[0], 6)),
     )
     card.write(out)
+    golden.write(out)  # the held-out sample build_mar.sh packs, with each artifact's predictions, for the canary
     state.finish()
     title = f"{args.arch} fp32 - test top-1 {100 * result['top1']:.2f}%"
     write_report(out / "eval" / "test", result, splits.labels, title)

@@ -72,7 +72,7 @@ if [[ "$ONLY" != packages ]]; then
 
   step verify "imports from $PREFIX/app with $PREFIX/venv"
   (cd "$PREFIX/app" && PYTHONPATH='' "$PREFIX/venv/bin/python" -c \
-    'import deploy.pod, deploy.oip_gateway, handlers.image_classifier, handlers.tensor_classifier')
+    'import deploy.pod, deploy.oip_gateway, handlers.handler, handlers.tasks.classification, handlers.tasks.detection')
   # Bytecode now: starts are quicker and a read-only root filesystem costs nothing.
   "$PREFIX/venv/bin/python" -m compileall -q "$PREFIX/app"
 fi
