@@ -30,11 +30,11 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import grpc
@@ -52,6 +52,7 @@ RETRY_STATUS = frozenset({503, 507})
 WORKER_DIED = "Worker died."
 AUTH_HINT = ("send the 'inference' key from key_file.json (written by TorchServe in the directory it was "
              "started from) as the token")
+T = TypeVar("T")
 DEFAULT_URLS = {"http": "http://127.0.0.1:8080", "grpc": "grpc://127.0.0.1:7070"}
 
 
@@ -65,6 +66,40 @@ class Prediction:
     latency_ms: float  # wall time of the successful attempt
     attempts: int = 1
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Box:
+    label: str
+    score: float
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the pixels of the image as displayed
+
+
+@dataclass(frozen=True)
+class Detections:
+    boxes: list[Box]
+    image_size: tuple[int, int]  # width, height
+    model: str
+    version: str
+    variant: str
+    latency_ms: float
+    attempts: int = 1
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def prediction_of(body: dict[str, Any], latency_ms: float, attempts: int) -> Prediction:
+    info = body.get("model", {})
+    return Prediction(label=str(body["label"]), probabilities=body.get("probabilities", {}),
+                      model=info.get("name", ""), version=str(info.get("version", "")),
+                      variant=info.get("variant", ""), latency_ms=latency_ms, attempts=attempts, raw=body)
+
+
+def detections_of(body: dict[str, Any], latency_ms: float, attempts: int) -> Detections:
+    info = body.get("model", {})
+    boxes = [Box(str(d["label"]), float(d["score"]), (*map(float, d["box"]),)) for d in body["detections"]]
+    return Detections(boxes, (int(body["image_size"][0]), int(body["image_size"][1])), model=info.get("name", ""),
+                      version=str(info.get("version", "")), variant=info.get("variant", ""),
+                      latency_ms=latency_ms, attempts=attempts, raw=body)
 
 
 class PredictionError(Exception):
@@ -383,6 +418,14 @@ class InferenceClient:
 
     def predict(self, image: bytes, version: str | None = None, model: str | None = None) -> Prediction:
         """Classify one encoded image with `version` (default: the model's default version)."""
+        return self.answer(image, version, model, prediction_of)
+
+    def detect(self, image: bytes, version: str | None = None, model: str | None = None) -> Detections:
+        """The objects a detector finds in one encoded image (the model's default score threshold)."""
+        return self.answer(image, version, model, detections_of)
+
+    def answer(self, image: bytes, version: str | None, model: str | None, parse: Callable[..., T]) -> T:
+        """One image's answer, with retries and one key renewal, read by `parse(body, latency_ms, attempts)`."""
         attempt = 0
         renewed = False
         while True:
@@ -407,19 +450,11 @@ class InferenceClient:
                 continue
             if not 200 <= reply.status < 300:
                 raise error_for(reply, attempt)
-            return self.parse(reply, latency_ms, attempt)
-
-    @staticmethod
-    def parse(reply: Reply, latency_ms: float, attempts: int) -> Prediction:
-        try:
-            body = json.loads(reply.body)
-            info = body.get("model", {})
-            return Prediction(label=str(body["label"]), probabilities=body.get("probabilities", {}),
-                              model=info.get("name", ""), version=str(info.get("version", "")),
-                              variant=info.get("variant", ""), latency_ms=latency_ms, attempts=attempts, raw=body)
-        except (ValueError, KeyError, AttributeError) as e:
-            raise ServerError(f"unexpected response body: {reply.body[:200]!r}", reply.status,
-                              attempts=attempts) from e
+            try:
+                return parse(json.loads(reply.body), latency_ms, attempt)
+            except (ValueError, KeyError, AttributeError, TypeError) as e:
+                raise ServerError(f"unexpected response body: {reply.body[:200]!r}", reply.status,
+                                  attempts=attempt) from e
 
     def predict_many(self, images: Sequence[bytes], concurrency: int = 8, version: str | None = None,
                      model: str | None = None) -> list[Prediction | PredictionError]:

@@ -1,0 +1,157 @@
+"""Our detector serving against TorchServe's stock `object_detector`, on the same weights, in one run.
+
+    python -m benchmarks.detection artifacts/detector [--seconds 20] [--out benchmarks/results/detection.json]
+
+Stock serves the fp32 state_dict in its eager mode (a model file whose one class builds the torchvision detector;
+it cannot run the TorchScript: its preprocessing stacks the batch into one tensor, which a scripted detector
+refuses), with its defaults (batch 1, threshold 0.5, `ToTensor()` only). Ours serves `variants/torchscript`, the
+detector's pick, with the shipped model-config. Reported: box agreement on the test images at stock's 0.5
+threshold (labels equal, box IoU >= 0.99), whether each serves a batch of mixed image sizes, and req/s with
+p50/p99 at 1, 16 and 64 connections (wrk), stock at its best of one worker and one worker per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.environment import machine, versions
+from benchmarks.inputs import jpeg, write_set
+from benchmarks.served import Bench
+from benchmarks.stock import LIBGOMP_DEFAULT, settings
+from benchmarks.tools import ensure_captum
+from handlers.contract import STATE_DICT_FILE, ModelCard
+from training.detect import test_samples
+from training.detection_eval import box_parity
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = (1, 16, 64)
+# Stock's eager mode builds the model as `ModelClass()` and loads the state_dict into it: a class whose
+# constructor returns torchvision's detector.
+STOCK_MODEL = """import torchvision
+
+
+class Detector:
+    def __new__(cls):
+        return torchvision.models.get_model({arch!r}, weights=None, weights_backbone=None, num_classes={n})
+"""
+
+
+def build_stock(model_dir: Path, store: Path) -> Path:
+    card = ModelCard.read(model_dir)
+    archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).parent / "torch-model-archiver")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file, index = Path(tmp) / "model.py", Path(tmp) / "index_to_name.json"
+        model_file.write_text(STOCK_MODEL.format(arch=card.architecture, n=card.num_classes))
+        index.write_text(json.dumps({str(i): label for i, label in enumerate(card.labels)}))
+        subprocess.run([archiver, "--model-name", "stock", "--version", "1.0", "--model-file", str(model_file),
+                        "--serialized-file", str(model_dir / STATE_DICT_FILE), "--handler", "object_detector",
+                        "--extra-files", str(index), "--export-path", str(store), "--force"], check=True)
+    return store / "stock.mar"
+
+
+def build_ours(model_dir: Path, store: Path) -> Path:
+    subprocess.run(["bash", str(ROOT / "build_mar.sh"), str(model_dir / "variants" / "torchscript"), "--store",
+                    str(store), "--name", "ours", "--device", "cpu", "--force"], check=True, cwd=ROOT)
+    return store / "ours.mar"
+
+
+def stock_boxes(answer: list[dict[str, Any]], labels: list[str]) -> dict[str, torch.Tensor]:
+    """Stock's [{"<label>": [x1, y1, x2, y2], "score": s}, ...] in the model's terms."""
+    pairs = [(next(k for k in d if k != "score"), d) for d in answer]
+    return {"boxes": torch.tensor([d[k] for k, d in pairs]).view(-1, 4),
+            "scores": torch.tensor([d["score"] for _, d in pairs]),
+            "labels": torch.tensor([labels.index(k) for k, _ in pairs], dtype=torch.int64)}
+
+
+def our_boxes(answer: dict[str, Any], labels: list[str]) -> dict[str, torch.Tensor]:
+    found = answer["detections"]
+    return {"boxes": torch.tensor([d["box"] for d in found]).view(-1, 4),
+            "scores": torch.tensor([d["score"] for d in found]),
+            "labels": torch.tensor([labels.index(d["label"]) for d in found], dtype=torch.int64)}
+
+
+def mixed_batch(bench: Bench, name: str, bodies: list[bytes]) -> dict[str, int]:
+    """Statuses of concurrent requests of different image sizes to a model registered with batch size 4."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        statuses = list(pool.map(lambda b: bench.ts.api.predict(name, b, content_type="image/jpeg").status_code,
+                                 bodies))
+    return {str(s): statuses.count(s) for s in sorted(set(statuses))}
+
+
+def run(model_dir: Path, seconds: float, work: Path) -> dict[str, Any]:
+    card = ModelCard.read(model_dir)
+    samples = test_samples(card)
+    store = work / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    build_stock(model_dir, store)
+    build_ours(model_dir, store)
+    inputs = write_set(work, "test", [jpeg(s.image) for s in samples], f"{len(samples)} test images, JPEG")
+    sizes = [jpeg(torch.nn.functional.interpolate(samples[0].image[None].float(), size=hw)[0].byte())
+             for hw in ((320, 320), (240, 400), (400, 256), (288, 288))]
+    result: dict[str, Any] = {"model": str(model_dir), "architecture": card.architecture,
+                              "images": len(samples), "machine": machine(), "versions": versions(), "load": {}}
+    answers: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for threads_setting in settings():
+        workers, threads = threads_setting
+        env = {"PYTHONPATH": str(ensure_captum()), **LIBGOMP_DEFAULT,
+               **({"OMP_NUM_THREADS": threads} if threads != "default" else {})}
+        with Bench(work / f"ts-{workers}", store, env=env, builtin_logging=True) as bench:
+            bench.register("stock", "stock.mar", workers=workers)
+            if "stock" not in answers:
+                answers["stock"] = [stock_boxes(bench.ts.api.predict("stock", f.read_bytes(),
+                                                                     content_type="image/jpeg").json(), card.labels)
+                                    for f in inputs.files]
+            bench.prime("stock", inputs.files[0].read_bytes(), inputs.list_file)
+            for c in CONCURRENCY:
+                load, _ = bench.measure("stock", inputs.list_file, c, seconds)
+                result["load"].setdefault(f"stock ({workers} worker{'s' * (workers > 1)}, threads {threads})",
+                                          {})[c] = load.to_dict()
+    with Bench(work / "ts-ours", store) as bench:
+        bench.register("ours", "ours.mar")
+        answers["ours"] = [our_boxes(bench.ts.api.predict("ours", f.read_bytes(), content_type="image/jpeg").json(),
+                                     card.labels) for f in inputs.files]
+        bench.prime("ours", inputs.files[0].read_bytes(), inputs.list_file)
+        for c in CONCURRENCY:
+            load, _ = bench.measure("ours", inputs.list_file, c, seconds)
+            result["load"].setdefault("ours", {})[c] = load.to_dict()
+        result["mixed_sizes"] = {"ours": mixed_batch(bench, "ours", sizes)}
+    with Bench(work / "ts-mixed", store, env={"PYTHONPATH": str(ensure_captum())}, builtin_logging=True) as bench:
+        bench.ts.api.manage("POST", "/models", params={"url": "stock.mar", "batch_size": 4, "max_batch_delay": 500,
+                                                       "initial_workers": 1, "synchronous": "true"})
+        result["mixed_sizes"]["stock (batch size 4)"] = mixed_batch(bench, "stock", sizes)
+    result["agreement"] = box_parity(answers["stock"], answers["ours"], score_threshold=0.5, score_atol=1e-3)
+    best_stock = max((v[16]["rps"] for k, v in result["load"].items() if k.startswith("stock")), default=0)
+    result["ratio_rps_16"] = round(result["load"]["ours"][16]["rps"] / best_stock, 2) if best_stock else None
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", type=Path, help="a detector directory from python -m training.detect")
+    ap.add_argument("--seconds", type=float, default=20.0, help="per load point")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="detbench-") as tmp:
+        result = run(args.model_dir, args.seconds, Path(tmp))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, points in result["load"].items():
+        print(f"{name:40s} " + "  ".join(f"c={c}: {p['rps']:.1f}/s p50 {p['p50_ms']:.0f} p99 {p['p99_ms']:.0f} ms"
+                                         f" ({p['errors']} errors)" for c, p in points.items()))
+    print(f"box agreement at 0.5: {result['agreement']}")
+    print(f"mixed sizes in one batch: {result['mixed_sizes']}")
+    print(f"ours / best stock at 16 connections: {result['ratio_rps_16']}x req/s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
