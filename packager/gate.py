@@ -1,4 +1,5 @@
-"""The accuracy gate: a variant ships only if its held-out top-1 is within a budget of its fp32 parent.
+"""The accuracy gate: a variant ships only if its held-out headline figure (top-1, or mAP for a detector) is
+within a budget of its fp32 parent's, in points.
 
     python -m packager.gate artifacts/resnet18/variants/int8 --budget 0.5   # exit 1 if over budget
 """
@@ -15,16 +16,19 @@ DEFAULT_BUDGET_PT = 0.5
 
 
 def check(card: ModelCard, budget_pt: float = DEFAULT_BUDGET_PT) -> tuple[bool, str]:
-    """(passed, one-line verdict) comparing test top-1 with the parent's, in percentage points."""
+    """(passed, one-line verdict) comparing the test headline (top-1 or mAP) with the parent's, in points."""
+    if card.metrics.test is None and card.parent is None and card.recipe.technique == "import":
+        return True, (f"{card.name} was brought from elsewhere without a held-out evaluation; nothing to gate (add "
+                      "--eval-dir to python -m training.bring to score it)")
     if card.metrics.test is None:
         return False, (f"variant {card.variant} has no held-out metrics; "
                        "evaluate it with: python -m training.evaluate <model_dir>")
-    top1 = 100 * card.metrics.test.top1
+    name, value = card.metrics.test.headline
     if card.parent is None:
-        return True, f"{card.variant} is a parent model (test top-1 {top1:.2f}%); no gate to apply"
-    parent_top1 = 100 * card.parent.test.top1
-    drop = parent_top1 - top1
-    verdict = (f"variant {card.variant}: test top-1 {top1:.2f}% vs fp32 parent {parent_top1:.2f}% "
+        return True, f"{card.variant} is a parent model (test {name} {100 * value:.2f}%); no gate to apply"
+    parent = card.parent.test.headline[1]
+    drop = 100 * (parent - value)
+    verdict = (f"variant {card.variant}: test {name} {100 * value:.2f}% vs fp32 parent {100 * parent:.2f}% "
                f"(drop {drop:+.2f} pt, budget {budget_pt:.2f} pt)")
     return drop <= budget_pt + 1e-9, verdict
 
@@ -32,7 +36,7 @@ def check(card: ModelCard, budget_pt: float = DEFAULT_BUDGET_PT) -> tuple[bool, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_PT, help="allowed top-1 drop, in points")
+    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_PT, help="allowed top-1 (or mAP) drop, in points")
     args = ap.parse_args()
     try:
         passed, verdict = check(ModelCard.read(args.model_dir), args.budget)

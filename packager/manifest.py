@@ -53,7 +53,7 @@ def record(mar: Path, model_dir: Path) -> dict[str, object]:
         "model": card.name,
         "version": card.version,
         "variant": card.variant,
-        "test_top1": card.test.top1,
+        "test": dict([card.metrics.test.headline]) if card.metrics.test else None,  # {"top-1" or "mAP": value}
         "source": str(model_dir),
         "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
