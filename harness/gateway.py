@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
-from deploy.processes import free_ports, terminate
+from deploy.processes import free_ports, poll_until, terminate
 from handlers.contract import KEY_FILE
 from harness.torchserve import ROOT, TorchServe
 
@@ -35,12 +34,13 @@ class Gateway:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-        deadline = time.monotonic() + timeout
-        while "OIP gateway:" not in self.log.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the OIP gateway did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.1)
+        try:
+            poll_until(lambda: "OIP gateway:" in self.log.read_text(errors="replace"), timeout, 0.1,
+                       lambda: f"the OIP gateway did not start:\n{self.log.read_text(errors='replace')[-3000:]}",
+                       self.proc)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
