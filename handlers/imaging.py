@@ -217,7 +217,8 @@ def decode_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) 
         with known_deprecations():
             image = _tv_decode(buf, mode=ImageReadMode.RGB, apply_exif_orientation=fmt == "JPEG")
         return image[0] if image.ndim == 4 else image
-    except (RuntimeError, OSError, ValueError, SyntaxError, TypeError) as e:  # TypeError: PIL on a TIFF's bad offsets
+    # TypeError: PIL on a TIFF's bad offsets; EOFError: pillow-heif on a truncated HEIC (fuzz)
+    except (RuntimeError, OSError, ValueError, SyntaxError, TypeError, EOFError) as e:
         raise InputError(
             "corrupt_image", f"the {fmt} image could not be decoded (truncated or corrupt): {e}".split("\n")[0]
         ) from e
