@@ -65,7 +65,7 @@ def _compare(ours: Any, stock: Any, sets: list[inputs.InputSet], min_time: float
         stock_rows = [{"body": b} for b in batch]
 
         def ours_fn(batch: list[bytes] = batch) -> torch.Tensor:
-            return ours.collate([ours.decode(b) for b in batch])
+            return ours.task.batch([ours.task.decode(b) for b in batch])
 
         def stock_fn(rows: list[dict[str, bytes]] = stock_rows) -> torch.Tensor:
             return stock.preprocess(rows)
