@@ -74,7 +74,8 @@ def bring(args: argparse.Namespace) -> ModelCard:
     if args.weights:
         if not args.arch:
             raise ValueError("--weights needs --arch, the torchvision architecture the state_dict is for")
-        model_from_state_dict(args.arch, len(labels), load_state_dict(args.weights))  # refuses a mismatch early
+        # Another architecture fails here; a wrong class count, at the output check below.
+        model_from_state_dict(args.arch, len(labels), load_state_dict(args.weights))
         source, runtime, artifact, arch = args.weights, "eager", STATE_DICT_FILE, args.arch
     elif args.torchscript:
         source, runtime, artifact, arch = args.torchscript, "torchscript", TORCHSCRIPT_FILE, "imported-torchscript"
