@@ -39,6 +39,7 @@ from handlers.deprecations import known_deprecations
 from handlers.loading import build_model, detectors, load_state_dict
 from training.detection_data import BACKGROUND, DIGITS, Sample, fingerprint, read_folder, synthesize
 from training.detection_eval import box_parity, coco_metrics, plot, predict, summary
+from training.recipe import short_run_batchnorm
 
 
 def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Sample]], list[str]]:
@@ -161,6 +162,7 @@ def train(args: argparse.Namespace) -> ModelCard:
           f"{sum(len(s.labels) for s in splits['train'])} training boxes", flush=True)
     model = build_model(args.arch, len(labels))
     init = init_backbone(model, args.init_from) if args.init_from else 0
+    short_run_batchnorm(model)
     if init:
         print(f"init: {init} backbone tensors from {args.init_from}")
     started = time.perf_counter()

@@ -234,6 +234,7 @@ def train(args: argparse.Namespace) -> ModelCard | None:
         print(f"init: {init.checkpoint} (sha256 {init.sha256[:12]}), head {', '.join(init.head)} "
               f"{'reinitialised' if init.reinitialized else 'loaded'}"
               f"{', backbone frozen' if args.freeze_backbone else ''}")
+    recipe.short_run_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_autocast_helps(device))
     print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
