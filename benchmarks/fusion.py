@@ -13,6 +13,7 @@ the round means. Writes OUT/fusion.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from handlers.deprecations import known_deprecations
 from handlers.imaging import Normalizer
 from handlers.runtimes import Fused, Predictor, load_model
 from harness.wrk_throughput import ensure_wrk
-from packager.stats import median
+from packager.stats import interleaved, median
 from training.evaluate import splits_for
 from training.speed import environment, thread_count
 from training.technique import variant_dir
@@ -59,18 +60,18 @@ def models(parent: Path, fused: list[str]) -> dict[str, tuple[Path, ModelCard, s
 @torch.inference_mode()
 def costs(runs: dict[str, Predictor], images: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
     """Mean ms per image at batch 1 over `images`, interleaved across models; median of the round means."""
-    means: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():  # warm-up (TorchScript specialises on its first calls)
         for x in images[:8]:
             run(x[None])
     for fused in (r for r in runs.values() if isinstance(r, Fused)):
         fused.seen = fused.deferred = 0
-    for _ in range(rounds):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            for x in images:
-                run(x[None])
-            means[name].append(1000 * (time.perf_counter() - t0) / len(images))
+    def one_pass(run: Predictor) -> float:
+        t0 = time.perf_counter()
+        for x in images:
+            run(x[None])
+        return 1000 * (time.perf_counter() - t0) / len(images)
+
+    means = interleaved({name: functools.partial(one_pass, run) for name, run in runs.items()}, rounds)
     out = {name: {"ms_per_image": round(median(ms), 3)} for name, ms in means.items()}
     for name, run in runs.items():
         if isinstance(run, Fused) and run.fusion.kind == "cascade":

@@ -10,6 +10,7 @@ spread shows the noise.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from benchmarks import inputs, stock
 from benchmarks.served import PRIME_S, Bench
-from packager.stats import median
+from packager.stats import interleaved, median
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,6 @@ def measure(work: Path, store: Path, stock_mar: Path, ours_mar: Path, ours_worke
             ) -> list[dict[str, Any]]:
     """Rows of (round, input, server) at 1 connection, from the stock settings (`full`: all of them, else its
     default) and ours served at once."""
-    rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         servers = []
         for workers, threads in stock.settings(full):
@@ -49,19 +49,22 @@ def measure(work: Path, store: Path, stock_mar: Path, ours_mar: Path, ours_worke
             for input_set in sets:
                 s.bench.prime(s.model, input_set.files[0].read_bytes(), input_set.list_file,
                               min(PRIME_S, duration_s), settle_s=settle_s)
+        def points(s: Server) -> list[dict[str, Any]]:
+            """One point per input set for server `s`."""
+            out = []
+            for input_set in sets:
+                s.bench.warm(s.model, input_set.files[0].read_bytes(), n=1)
+                result, _ = s.bench.measure(s.model, input_set.list_file, 1, duration_s)
+                out.append({"input": input_set.name, "server": s.server, "workers": s.workers, "threads": s.threads,
+                            **result.to_dict()})
+                progress.update(1)
+                progress.set_postfix_str(f"{input_set.name} {s.server} {s.workers}w: {result.rps:.1f} req/s")
+            return out
+
         with tqdm(total=rounds * len(sets) * len(servers), desc="light load, in turn", leave=False) as progress:
-            for r in range(rounds):
-                order = servers[r % len(servers):] + servers[:r % len(servers)]
-                for input_set in sets:
-                    for s in order:
-                        s.bench.warm(s.model, input_set.files[0].read_bytes(), n=1)
-                        result, _ = s.bench.measure(s.model, input_set.list_file, 1, duration_s)
-                        rows.append({"round": r, "input": input_set.name, "server": s.server, "workers": s.workers,
-                                     "threads": s.threads, **result.to_dict()})
-                        progress.update(1)
-                        progress.set_postfix_str(f"round {r + 1} {input_set.name} {s.server} {s.workers}w: "
-                                                 f"{result.rps:.1f} req/s")
-    return rows
+            runs = interleaved({str(i): functools.partial(points, s) for i, s in enumerate(servers)}, rounds,
+                               rotate=True)
+    return [{"round": r, **row} for per_round in runs.values() for r, rows in enumerate(per_round) for row in rows]
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

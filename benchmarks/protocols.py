@@ -13,6 +13,7 @@ is measured. An answer counts only when its label is the one plain REST gives fo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import threading
@@ -31,7 +32,7 @@ from handlers.machine import cpu_model
 from harness.correctness_load import Outcome, Poster, Run, drive
 from harness.gateway import Gateway
 from harness.torchserve import ROOT, TorchServe
-from packager.stats import median
+from packager.stats import interleaved, median
 
 Send = Callable[[bytes], str]  # one image -> its top-1 label
 
@@ -104,16 +105,18 @@ def main() -> None:
                 labels = [senders["REST raw (TorchServe)"](b) for b in bodies]
                 for send in senders.values():  # warm every client and worker path
                     measure(send, bodies, labels, 1.0, args.connections)
-                rounds: dict[str, list[dict[str, float]]] = {name: [] for name in PATHS}
-                for r in range(args.rounds):
-                    for name, send in senders.items():
-                        run = measure(send, bodies, labels, args.seconds, args.connections)
-                        good = len(run.outcomes) - len(run.errors())
-                        rounds[name].append({"rps": good / run.elapsed_s, "p50_ms": run.latency_ms(50),
-                                             "p99_ms": run.latency_ms(99), "failed": len(run.errors())})
-                        if run.errors():
-                            print(f"  {len(run.errors())} failed, e.g. {run.errors()[0].detail}", flush=True)
-                        print(f"round {r + 1}/{args.rounds} {name}: {rounds[name][-1]['rps']:.1f} req/s", flush=True)
+
+                def point(send: Callable[[bytes], str]) -> dict[str, float]:
+                    run = measure(send, bodies, labels, args.seconds, args.connections)
+                    if run.errors():
+                        print(f"  {len(run.errors())} failed, e.g. {run.errors()[0].detail}", flush=True)
+                    good = len(run.outcomes) - len(run.errors())
+                    return {"rps": good / run.elapsed_s, "p50_ms": run.latency_ms(50), "p99_ms": run.latency_ms(99),
+                            "failed": len(run.errors())}
+
+                rounds = interleaved({name: functools.partial(point, send) for name, send in senders.items()},
+                                     args.rounds, after=lambda r, name, row: print(
+                                         f"round {r + 1}/{args.rounds} {name}: {row['rps']:.1f} req/s", flush=True))
     base = median(x["rps"] for x in rounds["REST raw (TorchServe)"])
     rows = {name: {"rps": median(x["rps"] for x in rs), "p50_ms": median(x["p50_ms"] for x in rs),
                    "p99_ms": median(x["p99_ms"] for x in rs), "failed": sum(x["failed"] for x in rs),

@@ -17,6 +17,7 @@ from benchmarks import light_load, run, tune
 from benchmarks.acceptance import never_slower
 from benchmarks.tune import pick, score, setting_values
 from packager.config import TUNED_FILE, serving_config, set_keys
+from packager.stats import interleaved
 from tests.conftest import ROOT
 
 TUNED_KEYS = {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "  threads"}
@@ -135,6 +136,22 @@ def test_the_grid_drops_settings_that_are_the_same() -> None:
 def light(rnd: int, server: str, workers: int, rps: float, p50: float, name: str = "digits") -> dict:
     return {"round": rnd, "input": name, "server": server, "workers": workers, "threads": "1", "rps": rps,
             "p50_ms": p50, "errors": 0}
+
+
+def test_interleaved_rounds_run_every_contender_once_a_round_and_rotate_the_start() -> None:
+    calls: list[str] = []
+
+    def contender(name: str):
+        return lambda: calls.append(name) or f"{name}{sum(c == name for c in calls)}"
+
+    seen: list[tuple[int, str, str]] = []
+    runs = interleaved({n: contender(n) for n in "abc"}, 3, rotate=True, after=lambda *a: seen.append(a))
+    assert calls == list("abc" "bca" "cab")
+    assert runs == {"a": ["a1", "a2", "a3"], "b": ["b1", "b2", "b3"], "c": ["c1", "c2", "c3"]}
+    assert seen[:3] == [(0, "a", "a1"), (0, "b", "b1"), (0, "c", "c1")] and seen[3][:2] == (1, "b")
+    calls.clear()
+    interleaved({n: contender(n) for n in "ab"}, 2)
+    assert calls == list("abab")
 
 
 def test_light_load_compares_each_round_with_its_best_stock_and_keeps_the_median_round() -> None:

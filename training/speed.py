@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import time
@@ -26,7 +27,7 @@ from handlers import machine
 from handlers.contract import CardError, ModelCard, Profile
 from handlers.deprecations import known_deprecations
 from handlers.runtimes import load_model
-from packager.stats import median
+from packager.stats import interleaved, median
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -139,16 +140,18 @@ def benchmark(
     """
     one = torch.randn(1, 3, input_size, input_size).contiguous(memory_format=torch.channels_last)
     many = torch.randn(batch, 3, input_size, input_size).contiguous(memory_format=torch.channels_last)
-    lat: dict[str, list[float]] = {name: [] for name in models}
-    thr: dict[str, list[float]] = {name: [] for name in models}
+    def one_round(model: torch.nn.Module) -> tuple[list[float], list[float]]:
+        return _time_calls(model, one, latency_calls), _time_calls(model, many, throughput_calls)
+
     with thread_count(threads), any_algorithms(), known_deprecations():
         for model in models.values():  # warm-up: TorchScript profiles and optimizes its first calls
             _time_calls(model, one, 3)
             _time_calls(model, many, 2)
-        for _ in tqdm(range(rounds), desc="benchmark rounds", leave=False, disable=not progress):
-            for name, model in models.items():
-                lat[name] += _time_calls(model, one, latency_calls)
-                thr[name] += _time_calls(model, many, throughput_calls)
+        with tqdm(total=rounds * len(models), desc="benchmark rounds", leave=False, disable=not progress) as bar:
+            runs = interleaved({name: functools.partial(one_round, m) for name, m in models.items()}, rounds,
+                               after=lambda *_: bar.update(1))
+    lat = {name: [t for calls, _ in rs for t in calls] for name, rs in runs.items()}
+    thr = {name: [t for _, calls in rs for t in calls] for name, rs in runs.items()}
     return {
         name: {
             "latency_ms_bs1": round(1000 * median(lat[name]), 3),
