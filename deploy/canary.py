@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from deploy.client import Prediction, PredictionError
+from deploy.client import Detections, Prediction, PredictionError
 from deploy.management import DeployError, handler_description
 from deploy.store import now, open_archive
 from handlers.contract import ModelCard
@@ -20,31 +20,37 @@ if TYPE_CHECKING:
     from deploy.commands import Context
 
 
-def measure(ctx: Context, model: str, versions: list[str], images: list[tuple[bytes, str]],
+def measure(ctx: Context, model: str, versions: list[str], gold: dict[str, Any], images: list[tuple[bytes, Any]],
             warmup: int) -> dict[str, dict[str, Any]]:
-    """Send every golden image to each version, interleaved, one request at a time (so latencies compare)."""
-    results: dict[str, dict[str, Any]] = {v: {"correct": 0, "latency_ms": [], "errors": []} for v in versions}
+    """Send every golden image to each version, interleaved, one request at a time (so latencies compare), and score
+    each answer against the image's truth (packager.golden: a label, or true boxes)."""
+    results: dict[str, dict[str, Any]] = {v: {"tallies": [], "latency_ms": [], "errors": []} for v in versions}
     with ctx.client(model) as client:
+        ask = client.detect if golden.task(gold) == "detection" else client.predict
         for v in versions:  # first calls pay one-off costs (connections, JIT profiling); keep them out of p99
             for data, _ in images[:warmup]:
                 try:
-                    client.predict(data, version=v)
+                    ask(data, version=v)
                 except PredictionError:
                     pass
-        for data, label in tqdm(images, desc=f"canary {model}", disable=not ctx.progress, file=sys.stderr):
+        for data, truth in tqdm(images, desc=f"canary {model}", disable=not ctx.progress, file=sys.stderr):
             for v in versions:
                 try:
-                    pred: Prediction = client.predict(data, version=v)
+                    answer: Prediction | Detections = ask(data, version=v)
                 except PredictionError as e:
                     results[v]["errors"].append(f"{type(e).__name__}: {e.message}")
+                    results[v]["tallies"].append(golden.missed(truth))
                     continue
-                if pred.version != v:
-                    results[v]["errors"].append(f"asked for version {v}, answered by {pred.version}")
+                if answer.version != v:
+                    results[v]["errors"].append(f"asked for version {v}, answered by {answer.version}")
+                    results[v]["tallies"].append(golden.missed(truth))
                     continue
-                results[v]["correct"] += pred.label == label
-                results[v]["latency_ms"].append(pred.latency_ms)
+                found = answer.label if isinstance(answer, Prediction) else [
+                    (b.label, b.score, list(b.box)) for b in answer.boxes]
+                results[v]["tallies"].append(golden.tally(found, truth))
+                results[v]["latency_ms"].append(answer.latency_ms)
     for r in results.values():
-        r["top1"] = r["correct"] / len(images)
+        r["score"] = golden.score(gold, r.pop("tallies"))
         r["p99_ms"] = percentile(r["latency_ms"], 99)
     return results
 
@@ -61,27 +67,27 @@ def cmd_canary(ctx: Context, model: str, version: str, budget_pt: float, latency
     versions = [version] + ([reference] if reference else [])
     print(f"canary {model} {version}: {len(images)} golden images ({gold['source']}) against "
           + (f"default {reference}" if reference else "its build-time figures only (it is the default)"), flush=True)
-    measured = measure(ctx, model, versions, images, warmup)
-    cand = measured[version]
-    build_pct, cand_pct = 100 * golden.build_top1(gold, limit), 100 * cand["top1"]
+    measured = measure(ctx, model, versions, gold, images, warmup)
+    cand, name = measured[version], golden.metric(gold)
+    build_pct, cand_pct = 100 * golden.build_score(gold, limit), 100 * cand["score"]
     checks: list[tuple[bool, str]] = []
     if cand["errors"]:
         checks.append((False, f"{len(cand['errors'])} of {len(images)} requests failed (first: {cand['errors'][0]})"))
     checks.append((cand_pct >= build_pct - budget_pt - 1e-9,
-                   f"served top-1 {cand_pct:.2f}% vs build-time {build_pct:.2f}% (budget {budget_pt:.2f} pt)"))
+                   f"served {name} {cand_pct:.2f}% vs build-time {build_pct:.2f}% (budget {budget_pt:.2f} pt)"))
     record: dict[str, Any] = {"time": now(), "sha256": arc.sha256, "n": len(images), "budget_pt": budget_pt,
-                              "top1": cand["top1"], "p99_ms": round(cand["p99_ms"], 3),
-                              "build_top1": build_pct / 100, "against": reference}
+                              "metric": name, "score": cand["score"], "p99_ms": round(cand["p99_ms"], 3),
+                              "build_score": build_pct / 100, "against": reference}
     if reference:
         ref = measured[reference]
-        ref_pct = 100 * ref["top1"]
+        ref_pct = 100 * ref["score"]
         checks.append((ref_pct - budget_pt - 1e-9 <= cand_pct,
-                       f"served top-1 {cand_pct:.2f}% vs default {reference} {ref_pct:.2f}% on the same images "
+                       f"served {name} {cand_pct:.2f}% vs default {reference} {ref_pct:.2f}% on the same images "
                        f"(budget {budget_pt:.2f} pt)"))
         checks.append((cand["p99_ms"] <= latency_factor * ref["p99_ms"],
                        f"p99 {cand['p99_ms']:.1f} ms vs default {ref['p99_ms']:.1f} ms (limit {latency_factor:g}x = "
                        f"{latency_factor * ref['p99_ms']:.1f} ms)"))
-        record.update(default_top1=ref["top1"], default_p99_ms=round(ref["p99_ms"], 3), latency_factor=latency_factor)
+        record.update(default_score=ref["score"], default_p99_ms=round(ref["p99_ms"], 3), latency_factor=latency_factor)
         card = ctx.mgmt.call("GET", f"/models/{model}/{reference}", customized="true")
         theirs = _fingerprint(card)
         if theirs and theirs != gold["fingerprint"]:

@@ -3,7 +3,8 @@
     python -m packager.golden model_store/digits.mar      # what an archive carries
 
 Images are PNG (lossless), so the served handler decodes exactly the uint8 tensors the offline
-evaluation used, and the recorded build-time accuracy is the figure the served model must reproduce.
+evaluation used, and the recorded build-time score is the figure the served model must reproduce: top-1 for a
+classifier; for a detector, F1 of its boxes scoring >= 0.5 against the true boxes (same label, IoU >= 0.5).
 training samples the images (held_out.json beside the trained model), `build` adds what the packed artifact
 predicts for each, packager.stage packs the result and deploy.canary reads it from the archive. Reading it
 stays light: torch is imported only to build.
@@ -34,6 +35,60 @@ def from_archive(mar: Path) -> dict[str, Any]:
         raise ValueError(f"{mar} is not a readable .mar (zip) archive: {e}") from e
 
 
+DETECTION_IOU = DETECTION_SCORE = 0.5  # a detection is a hit when it scores this, and overlaps a true box of its label
+Tally = tuple[int, int, int]  # hits, false alarms, misses
+
+
+def task(gold: dict[str, Any]) -> str:
+    return gold.get("task", "classification")
+
+
+def metric(gold: dict[str, Any]) -> str:
+    return "F1@.5" if task(gold) == "detection" else "top-1"
+
+
+def truth(item: dict[str, Any]) -> Any:
+    """A classifier's label, or a detector's true boxes [(label, [x1, y1, x2, y2])]."""
+    return list(zip(item["labels"], item["boxes"], strict=True)) if "boxes" in item else item["label"]
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def tally(answer: Any, expected: Any) -> Tally:
+    """One answer against its truth: a label is a hit or a miss; detections [(label, score, box)] are matched
+    best score first, each true box once."""
+    if not isinstance(expected, list):
+        return (1, 0, 0) if answer == expected else (0, 0, 1)
+    free, hits, false = list(expected), 0, 0
+    for label, _, box in sorted((d for d in answer if d[1] >= DETECTION_SCORE), key=lambda d: -d[1]):
+        overlaps = [(iou(box, b), i) for i, (lab, b) in enumerate(free) if lab == label]
+        best = max(overlaps, default=(0.0, -1))
+        if best[0] >= DETECTION_IOU:
+            free.pop(best[1])
+            hits += 1
+        else:
+            false += 1
+    return hits, false, len(free)
+
+
+def missed(expected: Any) -> Tally:
+    """The tally of an image that got no answer."""
+    return 0, 0, len(expected) if isinstance(expected, list) else 1
+
+
+def score(gold: dict[str, Any], tallies: list[Tally]) -> float:
+    """top-1 (hits over images), or the detections' F1."""
+    hits, false, misses = (sum(t[i] for t in tallies) for i in range(3))
+    if task(gold) != "detection":
+        return hits / len(tallies) if tallies else 0.0
+    return 2 * hits / (2 * hits + false + misses) if hits + false + misses else 1.0
+
+
 def held_out(model_dir: Path, card: ModelCard) -> dict[str, Any]:
     """The sampled images of `card`'s test split: beside the model, or beside the parent a variant was made from."""
     model_dir = Path(model_dir)
@@ -44,43 +99,53 @@ def held_out(model_dir: Path, card: ModelCard) -> dict[str, Any]:
         raise FileNotFoundError(f"no {HELD_OUT_FILE} in {' or '.join(map(str, places))}; write it with: python -m "
                                 f"training.golden {places[-1]}")
     sample = json.loads(path.read_text())
-    if card.data is None or sample["fingerprint"] != card.data.fingerprint:
+    fingerprint = card.data.fingerprint if card.data else card.details.get("dataset", {}).get("fingerprint")
+    if sample["fingerprint"] != fingerprint:
         raise ValueError(f"{path} was sampled from other data than {card.variant} was trained on; write it again "
                          f"with: python -m training.golden {path.parent}")
     return sample
 
 
 def build(model_dir: Path, card: ModelCard, batch: int = 64) -> dict[str, Any]:
-    """The golden set: the held-out sample, with what the artifact in `model_dir` predicts for each image."""
+    """The golden set: the held-out sample, with what the artifact in `model_dir` answers for each image."""
     import torch
 
     from handlers.imaging import Normalizer, decode_image, resize_batch
     from handlers.runtimes import load_model
+    from handlers.tasks.detection import detect
 
     sample = held_out(model_dir, card)
     model = load_model(model_dir, card, repeatable=True)
-    normalize, size = Normalizer(card.input.mean, card.input.std), card.input.image_size
     pictures = [decode_image(base64.b64decode(it["png"])) for it in sample["items"]]
     with torch.inference_mode():
-        predicted = [int(i) for start in range(0, len(pictures), batch)
-                     for i in model(normalize(resize_batch(pictures[start:start + batch], size))).argmax(1)]
-    items = [{"label": it["label"], "build_label": card.labels[p], "png": it["png"]}
-             for it, p in zip(sample["items"], predicted, strict=True)]
-    return {**{k: sample[k] for k in ("source", "fingerprint", "indices")}, "n": len(items),
-            "build_top1": round(sum(it["label"] == it["build_label"] for it in items) / len(items), 6),
+        if sample.get("task") == "detection":
+            found = detect(model, [p.float() / 255 for p in pictures])
+            answers: list[Any] = [[(card.labels[int(k)], round(float(s), 4), [round(float(x), 2) for x in b])
+                                   for b, s, k in zip(d["boxes"], d["scores"], d["labels"], strict=True)
+                                   if s >= DETECTION_SCORE] for d in found]
+            items = [{**it, "build": a} for it, a in zip(sample["items"], answers, strict=True)]
+        else:
+            normalize, size = Normalizer(card.input.mean, card.input.std), card.input.image_size
+            answers = [card.labels[int(i)] for start in range(0, len(pictures), batch)
+                       for i in model(normalize(resize_batch(pictures[start:start + batch], size))).argmax(1)]
+            items = [{"label": it["label"], "build_label": a, "png": it["png"]}
+                     for it, a in zip(sample["items"], answers, strict=True)]
+    gold = {**{k: sample[k] for k in ("source", "fingerprint", "indices")}, "task": card.task, "n": len(items),
             "artifact": card.artifact, "variant": card.variant,
             "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "items": items}
+    gold["build_score"] = round(build_score(gold), 6)
+    return gold
 
 
-def images(golden: dict[str, Any]) -> list[tuple[bytes, str]]:
-    """[(png bytes, expected label)]."""
-    return [(base64.b64decode(it["png"]), it["label"]) for it in golden["items"]]
+def images(golden: dict[str, Any]) -> list[tuple[bytes, Any]]:
+    """[(png bytes, truth)]: the label, or a detector's true boxes."""
+    return [(base64.b64decode(it["png"]), truth(it)) for it in golden["items"]]
 
 
-def build_top1(golden: dict[str, Any], limit: int | None = None) -> float:
-    """The build-time accuracy on the first `limit` images (all by default)."""
+def build_score(golden: dict[str, Any], limit: int | None = None) -> float:
+    """The build-time score on the first `limit` images (all by default)."""
     items = golden["items"][:limit]
-    return sum(it["build_label"] == it["label"] for it in items) / len(items)
+    return score(golden, [tally(it["build"] if "build" in it else it["build_label"], truth(it)) for it in items])
 
 
 def main() -> None:
@@ -93,8 +158,9 @@ def main() -> None:
         sys.exit(f"error: {e}")
     counts: dict[str, int] = {}
     for it in g["items"]:
-        counts[it["label"]] = counts.get(it["label"], 0) + 1
-    print(f"{g['n']} images ({g['source']}), build-time top-1 {100 * g['build_top1']:.2f}% ({g['variant']}), "
+        for label in it.get("labels", [it.get("label")]):
+            counts[label] = counts.get(label, 0) + 1
+    print(f"{g['n']} images ({g['source']}), build-time {metric(g)} {100 * build_score(g):.2f}% ({g['variant']}), "
           f"per label {counts}")
 
 

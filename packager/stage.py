@@ -89,7 +89,7 @@ def stage(model_dir: Path, out: Path, config: Path | None, device: str, version:
     for name in card.files[1:]:  # the artifact itself is the archiver's --serialized-file
         (extra / name).parent.mkdir(parents=True, exist_ok=True)  # an ensemble's members keep their folders
         shutil.copy2(model_dir / name, extra / name)
-    if card.data is not None:  # image models trained here: held-out images + build-time accuracy, for the canary
+    if card.data is not None or "dataset" in card.details:  # trained here: held-out images + build-time score
         (extra / GOLDEN_FILE).write_text(json.dumps(golden.build(model_dir, card), separators=(",", ":")) + "\n")
     (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return Staged(card.name, card.version, artifact, cfg["deviceType"], sources)

@@ -22,6 +22,7 @@ from handlers.runtimes import load_model
 from harness.context import call, make_context, unpack_mar
 from harness.gateway import Gateway
 from harness.torchserve import TorchServe
+from packager import golden
 from tests.conftest import ROOT, build_mar, serve
 from training.detection_data import Sample, read_folder, synthesize, write_coco
 from training.detection_eval import box_parity, predict
@@ -135,6 +136,23 @@ def test_served_boxes_equal_the_offline_boxes(server: TorchServe, detector: Path
     for headers, code in (({"X-Score-Threshold": "2"}, "bad_option"), ({"X-Classes": "cat"}, "bad_option")):
         r = server.api.predict("detector", encode_png(held_out[0].image), headers=headers)
         assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text
+
+
+def test_the_archive_carries_a_golden_set_the_served_detector_reproduces(store: Path, detector: Path,
+                                                                      server: TorchServe) -> None:
+    """The canary's reference: the test images with their true boxes, and the build-time detections; served, each
+    image's tally against its true boxes is the build-time one."""
+    gold = golden.from_archive(store / "detector.mar")
+    test = ModelCard.read(detector).details["dataset"]["sizes"]["test"]
+    assert golden.task(gold) == "detection" and golden.metric(gold) == "F1@.5" and gold["n"] == min(test, 50)
+    assert all(it["boxes"] and len(it["boxes"]) == len(it["labels"]) for it in gold["items"])
+    served = []
+    with InferenceClient(server.url("inference"), server.api.keys["inference"], model="detector") as client:
+        for (png, truth), item in zip(golden.images(gold), gold["items"], strict=True):
+            found = [(b.label, b.score, list(b.box)) for b in client.detect(png).boxes]
+            served.append(golden.tally(found, truth))
+            assert served[-1] == golden.tally(item["build"], truth)
+    assert golden.score(gold, served) == pytest.approx(gold["build_score"], abs=1e-6)
 
 
 def test_a_corrupt_image_in_a_mixed_size_batch_fails_alone(store: Path, held_out: list[Sample],

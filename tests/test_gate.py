@@ -16,7 +16,7 @@ import yaml
 
 from handlers.contract import ModelCard
 from harness.context import unpack_mar
-from packager import gate
+from packager import gate, golden
 from packager.config import TUNED_FILE
 from packager.manifest import read_manifest, record
 from tests.conftest import ROOT, build_mar
@@ -156,3 +156,22 @@ def test_builders_recording_into_one_store_at_once_lose_no_entry(model_store: Pa
     with cf.ThreadPoolExecutor(len(mars)) as pool:
         list(pool.map(record_when_all_are_ready, mars))
     assert sorted(read_manifest(tmp_path)) == sorted(m.name for m in mars)
+
+
+def test_golden_tallies_match_each_true_box_once_by_label_and_overlap() -> None:
+    """The canary's detection score: detections scoring >= 0.5 are hits when they overlap a true box of their label
+    by IoU >= 0.5, each true box once (best score first); F1 over the images. A label is a hit or a miss."""
+    truth = [("3", [0, 0, 10, 10]), ("7", [20, 20, 30, 30])]
+    found = [("3", 0.9, [0, 0, 10, 11]),  # hit
+             ("3", 0.8, [0, 0, 10, 10]),  # the same true box again: a false alarm
+             ("7", 0.4, [20, 20, 30, 30]),  # below the score: not counted
+             ("5", 0.9, [20, 20, 30, 30])]  # wrong label: a false alarm, and the 7 is missed
+    assert golden.tally(found, truth) == (1, 2, 1)
+    assert golden.tally([("7", 0.6, [22, 22, 32, 32])], truth[1:]) == (0, 1, 1)  # IoU 64/136 < 0.5
+    assert golden.tally([("7", 0.6, [21, 21, 31, 31])], truth[1:]) == (1, 0, 0)  # IoU 81/119
+    detection, classification = {"task": "detection"}, {}
+    assert golden.score(detection, [(1, 2, 1), (1, 0, 0)]) == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
+    assert golden.score(detection, [golden.missed(truth)]) == 0.0 and golden.missed(truth) == (0, 0, 2)
+    assert golden.tally("3", "3") == (1, 0, 0) and golden.tally("3", "8") == golden.missed("8") == (0, 0, 1)
+    assert golden.score(classification, [(1, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 0)]) == 0.75
+    assert golden.metric(detection) == "F1@.5" and golden.metric(classification) == "top-1"

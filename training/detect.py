@@ -14,17 +14,20 @@ mAP@[.5:.95], mAP@.5 and AP per class), OUT/eval/test/detections.png, and OUT/va
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from handlers.contract import (
+    HELD_OUT_FILE,
     STATE_DICT_FILE,
     TORCHSCRIPT_FILE,
     InputContract,
@@ -39,6 +42,7 @@ from handlers.deprecations import known_deprecations
 from handlers.loading import build_model, detectors, load_state_dict
 from training.detection_data import BACKGROUND, DIGITS, Sample, fingerprint, read_folder, synthesize
 from training.detection_eval import box_parity, coco_metrics, plot, predict, summary
+from training.golden import encode_png
 from training.recipe import short_run_batchnorm
 
 
@@ -154,6 +158,18 @@ def export_torchscript(model_dir: Path, samples: list[Sample], eager: list[dict[
     return variant
 
 
+def write_held_out(out: Path, test: list[Sample], labels: list[str], data_fingerprint: str, size: int = 50
+                   ) -> dict[str, Any]:
+    """OUT/held_out.json: the first `size` test images with their true boxes, the golden set build_mar.sh packs
+    (packager.golden adds what the packed detector finds in each, for the canary)."""
+    items = [{"png": base64.b64encode(encode_png(s.image)).decode(), "boxes": s.boxes.tolist(),
+              "labels": [labels[int(k)] for k in s.labels]} for s in test[:size]]
+    sample = {"task": "detection", "source": "test split, first images", "fingerprint": data_fingerprint,
+              "indices": list(range(len(items))), "items": items}
+    (out / HELD_OUT_FILE).write_text(json.dumps(sample, separators=(",", ":")) + "\n")
+    return sample
+
+
 def train(args: argparse.Namespace) -> ModelCard:
     torch.manual_seed(args.seed)
     splits, labels = load_splits(args)
@@ -185,6 +201,7 @@ def train(args: argparse.Namespace) -> ModelCard:
                              "fingerprint": fingerprint([s for split in splits.values() for s in split])}},
         metrics=Metrics(test=summary(metrics)), git_commit=git_commit())
     card.write(out)
+    write_held_out(out, test, labels, card.details["dataset"]["fingerprint"])
     plot(test, eager, labels, out / "eval" / "test" / "detections.png")
     (out / "eval" / "test" / "report.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"test: mAP {metrics['map']:.4f}, mAP@.5 {metrics['map50']:.4f} on {len(test)} images -> {out}")
