@@ -135,6 +135,32 @@ def run(model_dir: Path, seconds: float, work: Path) -> dict[str, Any]:
     return result
 
 
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """req/s against p99 for stock and ours, one point per concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in result["load"].items():
+        rows = sorted(((int(c), p) for c, p in points.items()), key=lambda cp: cp[0])
+        ax.plot([p["p99_ms"] for _, p in rows], [p["rps"] for _, p in rows], marker="o", label=name,
+                linestyle="--" if name.startswith("stock") else "-")
+        for c, p in rows:
+            ax.annotate(f"c{c}", (p["p99_ms"], p["rps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("p99 latency (ms, log scale)")
+    ax.set_ylabel("req/s")
+    ax.set_title(f"{result['architecture']}, {result['images']} test images, {result['machine']['cpus']} CPUs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path, help="a detector directory from python -m training.detect")
@@ -143,14 +169,16 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="detbench-") as tmp:
         result = run(args.model_dir, args.seconds, Path(tmp))
+    result["command"] = "python -m benchmarks.detection " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    figure = plot(result, args.out.with_suffix(".png"))
     for name, points in result["load"].items():
         print(f"{name:40s} " + "  ".join(f"c={c}: {p['rps']:.1f}/s p50 {p['p50_ms']:.0f} p99 {p['p99_ms']:.0f} ms"
                                          f" ({p['errors']} errors)" for c, p in points.items()))
     print(f"box agreement at 0.5: {result['agreement']}")
     print(f"mixed sizes in one batch: {result['mixed_sizes']}")
-    print(f"ours / best stock at 16 connections: {result['ratio_rps_16']}x req/s -> {args.out}")
+    print(f"ours / best stock at 16 connections: {result['ratio_rps_16']}x req/s -> {args.out}, {figure}")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,9 @@ def train(args: argparse.Namespace) -> ModelCard:
     model = build_model(args.arch, len(labels))
     init = init_backbone(model, args.init_from) if args.init_from else 0
     short_run_batchnorm(model)
+    if hasattr(model, "roi_heads"):  # two-stage: 512 sampled regions per image suit COCO's crowded images; with 1-4
+        # objects here nearly all are background, the classifier learns "background", and each step costs 4x more
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = args.rois_per_image
     if init:
         print(f"init: {init} backbone tensors from {args.init_from}")
     started = time.perf_counter()
@@ -223,12 +226,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--rois-per-image", type=int, default=64,
+                    help="two-stage detectors: regions sampled per training image (torchvision: 512)")
     ap.add_argument("--init-from", type=Path, default=None, help="a classifier directory trained here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="detector")
     ap.add_argument("--version", default="1.0")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for name in ("images", "image_size", "epochs", "batch_size", "rois_per_image", "lr"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
