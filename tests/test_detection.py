@@ -1,10 +1,12 @@
 """Object detection end to end, bounded: digits on real photos -> python -m training.detect (a few steps) ->
-TorchScript variant (boxes checked) -> build_mar.sh (mAP gate) -> the real TorchServe, and tritonclient through the
-OIP gateway. The served boxes must equal the offline ones; a corrupt image in a mixed-size batch fails alone."""
+TorchScript -> an optimized variant (fewer proposals and a factorised box head, boxes checked against its eager
+model) -> build_mar.sh (mAP gate) -> the real TorchServe, and tritonclient through the OIP gateway. The served boxes
+must equal the offline ones; a corrupt image in a mixed-size batch fails alone."""
 
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,12 +19,13 @@ import torch.nn.functional as F
 import tritonclient.http as thttp
 
 from deploy.client import InferenceClient
-from handlers.contract import ModelCard
+from handlers.contract import ModelCard, sha256
 from handlers.runtimes import load_model
 from harness.context import call, make_context, unpack_mar
 from harness.gateway import Gateway
 from harness.torchserve import TorchServe
 from packager import golden
+from packager.pick import read_pick
 from tests.conftest import ROOT, build_mar, serve
 from training.detection_data import Sample, read_folder, synthesize, write_coco
 from training.detection_eval import box_parity, predict
@@ -30,6 +33,7 @@ from training.golden import encode_png
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 ALL = {"X-Score-Threshold": "0"}  # every box the model gives (a bounded run's detector scores low)
+VARIANT = "lean_svd"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +41,15 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("detector") / "fasterrcnn"
     subprocess.run([sys.executable, "-m", "training.detect", "--out", str(out), "--images", "12", "--image-size",
                     "96", "--epochs", "1", "--batch-size", "4", "--no-progress"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "training.detection_variants", str(out), "--variants", VARIANT,
+                    "--proposals", "20", "--rank", "64", "--rounds", "1", "--timing-images", "2"], check=True, cwd=ROOT)
     return out
 
 
 @pytest.fixture(scope="module")
 def store(detector: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("detection_store")
-    build_mar(detector / "variants" / "torchscript", store, "--name", "detector", "--budget", "0.5")
+    build_mar(detector / "variants" / VARIANT, store, "--name", "detector", "--budget", "0.5")
     return store
 
 
@@ -88,6 +94,20 @@ def test_training_writes_a_gated_detector_with_coco_figures(detector: Path) -> N
     assert (detector / "eval" / "test" / "detections.png").stat().st_size > 10_000
 
 
+def test_the_optimized_variant_is_checked_gated_timed_and_picked(detector: Path) -> None:
+    variant = ModelCard.read(detector / "variants" / VARIANT)
+    assert variant.export["method"] == "script+freeze" and variant.export["parity"]["ok"]
+    assert variant.recipe.args["lean"]["proposals"] == 20 and variant.recipe.args["svd"]["rank"] == 64
+    assert variant.test.map is not None and variant.parent.sha256 == sha256(detector / "model.pth")
+    report = json.loads((detector / "optimization" / "report.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["torchscript", VARIANT]
+    assert all(r["latency_ms_bs1"] > 0 and r["gate"]["passed"] for r in report["rows"])
+    assert read_pick(detector, "throughput").name in {"torchscript", VARIANT}
+    unknown = subprocess.run([sys.executable, "-m", "training.detection_variants", str(detector), "--variants",
+                                "lean_bogus"], capture_output=True, text=True, cwd=ROOT)
+    assert unknown.returncode == 2 and "unknown technique 'bogus'" in unknown.stderr
+
+
 def test_coco_and_voc_folders_read_back_the_same_boxes(tmp_path: Path) -> None:
     samples = synthesize("val", 3, 64, seed=1)
     labels = ["__background__", *map(str, range(10))]
@@ -112,7 +132,7 @@ def test_coco_and_voc_folders_read_back_the_same_boxes(tmp_path: Path) -> None:
 
 
 def test_served_boxes_equal_the_offline_boxes(server: TorchServe, detector: Path, held_out: list[Sample]) -> None:
-    variant_dir = detector / "variants" / "torchscript"
+    variant_dir = detector / "variants" / VARIANT
     card = ModelCard.read(variant_dir)
     offline = predict(load_model(variant_dir, card), held_out)
     served = []

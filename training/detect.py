@@ -17,7 +17,6 @@ import argparse
 import base64
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,19 +28,16 @@ from tqdm import tqdm
 from handlers.contract import (
     HELD_OUT_FILE,
     STATE_DICT_FILE,
-    TORCHSCRIPT_FILE,
     InputContract,
     Metrics,
     ModelCard,
-    ParentRecord,
     Recipe,
     git_commit,
-    sha256,
 )
-from handlers.deprecations import known_deprecations
 from handlers.loading import build_model, detectors, load_state_dict
+from training import detection_variants
 from training.detection_data import BACKGROUND, DIGITS, Sample, fingerprint, read_folder, synthesize
-from training.detection_eval import box_parity, coco_metrics, plot, predict, summary
+from training.detection_eval import coco_metrics, plot, predict, summary
 from training.golden import encode_png
 from training.recipe import short_run_batchnorm
 
@@ -61,15 +57,6 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Sample]], list
     return ({split: synthesize(split, count, args.image_size, args.seed)
              for split, count in (("train", n), ("val", max(8, n // 5)), ("test", max(8, n // 5)))},
             [BACKGROUND, *DIGITS])
-
-
-def test_samples(card: ModelCard) -> list[Sample]:
-    """The test split a detector's card was evaluated on, rebuilt from its training recipe (its parent's, for a
-    variant)."""
-    args = (ModelCard.read(card.parent.dir) if card.parent else card).recipe.args
-    if args.get("data_dir"):
-        return read_folder(Path(args["data_dir"]) / "test")[0]
-    return synthesize("test", max(8, args["images"] // 5), args["image_size"], args["seed"])
 
 
 def init_backbone(model: torch.nn.Module, classifier_dir: Path) -> int:
@@ -128,36 +115,6 @@ def fit(model: torch.nn.Module, train: list[Sample], val: list[Sample], labels: 
     return history
 
 
-def export_torchscript(model_dir: Path, samples: list[Sample], eager: list[dict[str, torch.Tensor]]) -> ModelCard:
-    """OUT/variants/torchscript: the scripted detector, its boxes checked against the eager model's (labels equal,
-    box IoU >= 0.99, scores within 1e-3 over a 0.3 threshold), and its own test mAP."""
-    card = ModelCard.read(model_dir)
-    model = build_model(card.architecture, card.num_classes)
-    model.load_state_dict(load_state_dict(model_dir / STATE_DICT_FILE))
-    model.eval()
-    out = model_dir / "variants" / "torchscript"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    with known_deprecations():
-        scripted = torch.jit.script(model)
-        torch.jit.save(scripted, str(out / TORCHSCRIPT_FILE))
-        loaded = torch.jit.load(str(out / TORCHSCRIPT_FILE)).eval()
-    found = predict(loaded, samples)
-    parity = box_parity(eager, found)
-    if not parity["ok"]:
-        raise RuntimeError(f"the TorchScript detector's boxes differ from the eager model's: {parity}")
-    metrics = coco_metrics(found, samples, card.labels)
-    parent = ParentRecord(dir=str(model_dir), checkpoint=STATE_DICT_FILE,
-                          sha256=sha256(model_dir / STATE_DICT_FILE), variant=card.variant, test=card.test)
-    variant = card.replace(variant="torchscript", runtime="torchscript", artifact=TORCHSCRIPT_FILE, checkpoint=None,
-                           parent=parent, recipe=Recipe("export", {"method": "script"}),
-                           export={"method": "script", "parity": parity},
-                           metrics=Metrics(test=summary(metrics)))
-    variant.write(out)
-    return variant
-
-
 def write_held_out(out: Path, test: list[Sample], labels: list[str], data_fingerprint: str, size: int = 50
                    ) -> dict[str, Any]:
     """OUT/held_out.json: the first `size` test images with their true boxes, the golden set build_mar.sh packs
@@ -208,9 +165,11 @@ def train(args: argparse.Namespace) -> ModelCard:
     plot(test, eager, labels, out / "eval" / "test" / "detections.png")
     (out / "eval" / "test" / "report.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"test: mAP {metrics['map']:.4f}, mAP@.5 {metrics['map50']:.4f} on {len(test)} images -> {out}")
-    variant = export_torchscript(out, test, eager)
+    variant = detection_variants.export(out, detection_variants.BASELINE, model, test, {"method": "script+freeze"},
+                                        eager)
     print(f"torchscript: mAP {variant.test.map:.4f}, boxes {variant.export['parity']} -> "
           f"{out / 'variants' / 'torchscript'}")
+    print(f"optimize it: python -m training.detection_variants {out}")
     return card
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from handlers.contract import ModelCard
 from handlers.imaging import decode_image
 
 BACKGROUND = "__background__"
@@ -197,6 +198,15 @@ def read_voc(folder: Path) -> tuple[list[Sample], list[str]]:
                       torch.tensor([labels.index(n) for n, _ in objects], dtype=torch.int64))
                for path, objects in parsed]
     return samples, labels
+
+
+def test_samples(card: ModelCard) -> list[Sample]:
+    """The test split a detector's card was evaluated on, rebuilt from its training recipe (its parent's, for a
+    variant)."""
+    args = (ModelCard.read(card.parent.dir) if card.parent else card).recipe.args
+    if args.get("data_dir"):
+        return read_folder(Path(args["data_dir"]) / "test")[0]
+    return synthesize("test", max(8, args["images"] // 5), args["image_size"], args["seed"])
 
 
 def main() -> None:

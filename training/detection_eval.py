@@ -138,7 +138,7 @@ def plot(samples: list[Sample], detections: Detections, labels: list[str], path:
 
 def main() -> None:
     from handlers.runtimes import load_model
-    from training.detect import test_samples
+    from training.detection_data import test_samples
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)

@@ -76,8 +76,9 @@ def write(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
     card = ModelCard.read(model_dir)
     if card.task == "detection":  # its test split is rebuilt by training.detect, which imports this module
         from training import detect
+        from training.detection_data import test_samples
 
-        return detect.write_held_out(Path(model_dir), detect.test_samples(card), card.labels,
+        return detect.write_held_out(Path(model_dir), test_samples(card), card.labels,
                                      card.details["dataset"]["fingerprint"])
     held_out = sample(model_dir, size)
     (Path(model_dir) / HELD_OUT_FILE).write_text(json.dumps(held_out, separators=(",", ":")) + "\n")
