@@ -108,6 +108,20 @@ def test_the_optimized_variant_is_checked_gated_timed_and_picked(detector: Path)
     assert unknown.returncode == 2 and "unknown technique 'bogus'" in unknown.stderr
 
 
+
+def test_a_one_stage_detector_trains_exports_and_is_told_which_techniques_apply(tmp_path: Path) -> None:
+    out = tmp_path / "ssd"
+    subprocess.run([sys.executable, "-m", "training.detect", "--out", str(out), "--arch",
+                    "ssdlite320_mobilenet_v3_large", "--images", "8", "--image-size", "96", "--epochs", "1",
+                    "--batch-size", "4", "--no-progress"], check=True, cwd=ROOT)
+    assert ModelCard.read(out / "variants" / "torchscript").export["parity"]["ok"]
+    subprocess.run([sys.executable, "-m", "training.detection_variants", str(out), "--variants", "lean,svd",
+                    "--rounds", "1", "--timing-images", "1"], check=True, cwd=ROOT)
+    report = json.loads((out / "optimization" / "report.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["torchscript"]
+    assert "no region proposal network" in report["skipped"]["lean"]
+    assert "no two-layer box head" in report["skipped"]["svd"]
+
 def test_coco_and_voc_folders_read_back_the_same_boxes(tmp_path: Path) -> None:
     samples = synthesize("val", 3, 64, seed=1)
     labels = ["__background__", *map(str, range(10))]
