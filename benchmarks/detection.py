@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.environment import machine, versions
 from benchmarks.inputs import jpeg, write_set
+from benchmarks.report import closed_loop, plt
 from benchmarks.served import Bench
 from benchmarks.stock import LIBGOMP_DEFAULT, settings
 from benchmarks.tools import ensure_captum
@@ -145,25 +146,10 @@ def run(model_dir: Path, seconds: float, work: Path) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """req/s against p99 for stock and ours, one point per concurrency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """req/s against p99 for stock, ours and the pick, one point per concurrency."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in result["load"].items():
-        rows = sorted(((int(c), p) for c, p in points.items()), key=lambda cp: cp[0])
-        ax.plot([p["p99_ms"] for _, p in rows], [p["rps"] for _, p in rows], marker="o", label=name,
-                linestyle="--" if name.startswith("stock") else "-")
-        for c, p in rows:
-            ax.annotate(f"c{c}", (p["p99_ms"], p["rps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("p99 latency (ms, log scale)")
-    ax.set_ylabel("req/s")
-    ax.set_title(f"{result['architecture']}, {result['images']} test images, {result['machine']['cpus']} CPUs")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    closed_loop(ax, {name: list(points.values()) for name, points in result["load"].items()},
+                f"{result['architecture']}, {result['images']} test images, {result['machine']['cpus']} CPUs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

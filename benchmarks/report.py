@@ -183,20 +183,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for r in result["served"]:
         if r["input"] == "digits":
             series.setdefault(label_of(r), []).append(r)
-    for label, rows in series.items():
-        rows = sorted(rows, key=lambda r: r["concurrency"])
-        ax.plot([r["p99_ms"] for r in rows], [r["rps"] for r in rows], marker="o", label=label,
-                linestyle="--" if label.startswith("stock") else "-")
-        for r in rows:
-            ax.annotate(f"c{r['concurrency']}", (r["p99_ms"], r["rps"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("p99 latency (ms, log scale)")
-    ax.set_ylabel("throughput (req/s, log scale)")
-    ax.set_title(f"Closed loop, held-out digits, {result['mode']} mode, {result['machine']['cpus']} CPUs")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    closed_loop(ax, series, f"Closed loop, held-out digits, {result['mode']} mode, {result['machine']['cpus']} CPUs")
     looped: dict[str, list[dict[str, Any]]] = {}
     for r in result.get("open_loop") or []:
         looped.setdefault(f"{label_of(r)}, {r['arrivals']}", []).append(r)
@@ -216,6 +203,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def closed_loop(ax: Any, series: dict[str, list[dict[str, Any]]], title: str) -> None:
+    """req/s against p99 on log axes, a line per server through its points (each with its `concurrency`), stock
+    dashed."""
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["concurrency"])
+        ax.plot([r["p99_ms"] for r in rows], [r["rps"] for r in rows], marker="o", label=label,
+                linestyle="--" if label.startswith("stock") else "-")
+        for r in rows:
+            ax.annotate(f"c{r['concurrency']}", (r["p99_ms"], r["rps"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("p99 latency (ms, log scale)")
+    ax.set_ylabel("throughput (req/s, log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def label_of(r: dict[str, Any]) -> str:

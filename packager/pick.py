@@ -4,6 +4,7 @@ training.optimize --pick chose for each kind of serving (build_mar.sh --pick pac
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,19 @@ def write_pick(parent_dir: Path, picked: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(picked, indent=2) + "\n")
     return path
+
+
+def write_report(parent_dir: Path, report: dict[str, Any], markdown: Callable[[Path, dict[str, Any]], None],
+                 plot: Callable[[Path, dict[str, Any]], None]) -> Path:
+    """PARENT/optimization/report.{json,md,png}, and pick.json when the report has a pick."""
+    if "pick" in report:
+        write_pick(parent_dir, report["pick"])
+    out = Path(parent_dir) / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown(out / "report.md", report)
+    plot(out / "report.png", report)
+    return out
 
 
 def read_pick(parent_dir: Path, kind: str) -> Path:

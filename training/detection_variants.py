@@ -21,7 +21,6 @@ Writes PARENT/variants/<name>/ and PARENT/optimization/{report.json,report.md,re
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -35,7 +34,7 @@ from handlers.contract import STATE_DICT_FILE, TORCHSCRIPT_FILE, Metrics, ModelC
 from handlers.deprecations import known_deprecations
 from handlers.loading import build_model, load_state_dict
 from packager import gate
-from packager.pick import REPORT_DIR, variant_dir, write_pick
+from packager.pick import REPORT_DIR, variant_dir, write_report
 from packager.stats import interleaved, median
 from training import speed
 from training.detection_data import Sample, test_samples
@@ -271,11 +270,7 @@ def optimize(parent_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
               "skipped": skipped, "command": args.command}
     report["pick"] = {"choice": choose(rows, args.budget), "served_batch": SERVED_BATCH, "budget_pt": args.budget,
                       "threads": env["threads"], "machine": env["machine"], "torch": env["torch"]}
-    write_pick(parent_dir, report["pick"])
-    out = parent_dir / REPORT_DIR
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(out / "report.md", report)
-    plot(out / "report.png", report)
+    write_report(parent_dir, report, write_markdown, plot)
     return report
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from handlers.contract import CardError, ModelCard
 from handlers.cores import restart_with_openmp_env
 from handlers.runtimes import load_model
 from packager import gate
-from packager.pick import REPORT_DIR, write_pick
+from packager.pick import REPORT_DIR, write_report
 from training import speed, support
 from training.export import ParityError
 from training.technique import (
@@ -398,12 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["pick"] = {"choice": picked, "served_batch": args.batch,
                           "budget_pt": args.budget, "threads": args.threads, "machine": env["machine"],
                           "torch": env["torch"]}
-        write_pick(parent_dir, report["pick"])
-    out = parent_dir / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(out / "report.md", report)
-    plot(out / "report.png", report)
+    write_report(parent_dir, report, write_markdown, plot)
     return report
 
 
