@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 import tritonclient.http as thttp
 
 from deploy.client import InferenceClient
 from handlers.contract import ModelCard, sha256
+from handlers.loading import build_model
 from handlers.runtimes import load_model
 from harness.context import call, make_context, unpack_mar
 from harness.gateway import Gateway
@@ -27,6 +29,7 @@ from harness.torchserve import TorchServe
 from packager import golden
 from packager.pick import read_pick
 from tests.conftest import ROOT, build_mar, serve
+from training.detect import init_backbone
 from training.detection_data import Sample, read_folder, synthesize, write_coco
 from training.detection_eval import box_parity, predict
 from training.golden import encode_png
@@ -121,6 +124,19 @@ def test_a_one_stage_detector_trains_exports_and_is_told_which_techniques_apply(
     assert [r["variant"] for r in report["rows"]] == ["torchscript"]
     assert "no region proposal network" in report["skipped"]["lean"]
     assert "no two-layer box head" in report["skipped"]["svd"]
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_init_from_copies_a_classifier_into_either_detectors_backbone(arch: str, tmp_path: Path) -> None:
+    classifier = torchvision.models.mobilenet_v3_large(num_classes=10)
+    torch.save(classifier.state_dict(), tmp_path / "model.pth")
+    detector = build_model(arch, 11)
+    copied = init_backbone(detector, tmp_path)
+    mine = detector.state_dict()
+    # the stem, and the last layer copied (SSDlite narrows its tail, so it stops before)
+    first = next(k for k in mine if k.startswith("backbone.") and k.endswith("0.0.weight"))
+    assert copied >= 250 and torch.equal(mine[first], classifier.features[0][0].weight)
+    assert not torch.equal(build_model(arch, 11).state_dict()[first], mine[first])
 
 def test_coco_and_voc_folders_read_back_the_same_boxes(tmp_path: Path) -> None:
     samples = synthesize("val", 3, 64, seed=1)

@@ -62,16 +62,20 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Sample]], list
 def init_backbone(model: torch.nn.Module, classifier_dir: Path) -> int:
     """Copy a classifier's `features.*` weights (a torchvision MobileNet, say, trained here) into the detector's
     backbone where names and shapes match; returns how many tensors were copied."""
-    state = load_state_dict(classifier_dir / STATE_DICT_FILE)
+    state = {k: v for k, v in load_state_dict(classifier_dir / STATE_DICT_FILE).items() if k.startswith("features.")}
     own = model.state_dict()
     copied = {}
     for key, value in state.items():
-        if key.startswith("features."):
-            target = "backbone.body." + key.removeprefix("features.")
-            if target in own and own[target].shape == value.shape:
-                copied[target] = value
-            elif "backbone.features." + key in own and own["backbone.features." + key].shape == value.shape:
-                copied["backbone.features." + key] = value  # SSD keeps the classifier's naming
+        target = "backbone.body." + key.removeprefix("features.")
+        if target in own and own[target].shape == value.shape:
+            copied[target] = value
+    if not copied:  # SSDlite regroups the same layers (features.0 up to its first head, features.1 after): in order
+        # while the shapes agree, up to the tail it narrows
+        theirs = [k for k in own if k.startswith("backbone.features.")]
+        for value, target in zip(state.values(), theirs, strict=False):
+            if own[target].shape != value.shape:
+                break
+            copied[target] = value
     if not copied:
         sys.exit(f"error: no weights of {classifier_dir} fit the detector's backbone; --init-from takes a "
                  "classifier of the detector's backbone family (e.g. mobilenet_v3_large)")
