@@ -33,6 +33,7 @@ import torch
 from handlers.contract import STATE_DICT_FILE, TORCHSCRIPT_FILE, Metrics, ModelCard, ParentRecord, Recipe, sha256
 from handlers.deprecations import known_deprecations
 from handlers.loading import build_model, load_state_dict
+from handlers.machine import cpu_label
 from packager import gate
 from packager.pick import REPORT_DIR, variant_dir, write_report
 from packager.stats import interleaved, median
@@ -197,14 +198,15 @@ def row(name: str, card: ModelCard, budget: float) -> dict[str, Any]:
 
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
     key = f"throughput_bs{SERVED_BATCH}"
+    env = report["environment"]
     lines = [f"# Detector variants of {report['parent']}", "",
-             f"{report['architecture']}, {report['images']} test images; {report['environment']['cpu']}, "
-             f"{report['environment']['threads']} threads, {report['rounds']} interleaved rounds.", "",
+             f"{report['architecture']}, {report['images']} test images; {cpu_label(env['machine'])}, "
+             f"{env['threads']} threads, {report['rounds']} interleaved rounds.", "",
              f"`{report['command']}`", "",
              f"| variant | mAP | mAP@.5 | Δ mAP (pt) | gate | ms/image (bs1) | images/s (bs{SERVED_BATCH}) | × fp32 |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['variant']} | {r['map']:.4f} | {r['map50']:.4f} | {-r['drop_pt']:+.2f} | "
+        lines.append(f"| {r['variant']} | {r['map']:.4f} | {r['map50']:.4f} | {0.0 - r['drop_pt']:+.2f} | "
                      f"{'pass' if r['gate']['passed'] else 'FAIL'} | {r['latency_ms_bs1']} | {r[key]} | "
                      f"{r[f'speedup_bs{SERVED_BATCH}']} |")
     lines += ["", *(f"- skipped {k}: {v}" for k, v in report["skipped"].items()), "",
@@ -226,7 +228,8 @@ def plot(path: Path, report: dict[str, Any]) -> None:
         ax.annotate(r["variant"], (r[key], r["map"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel(f"images/s, batches of {SERVED_BATCH}")
     ax.set_ylabel("test mAP@[.5:.95]")
-    ax.set_title(f"{report['architecture']}: gated (green), over the {report['budget_pt']} pt budget (red)")
+    ax.set_title(f"{report['architecture']}\ngreen: within the {report['budget_pt']} pt mAP budget, red: over it",
+                 fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     for r in report["rows"]:
-        print(f"{r['variant']:16s} mAP {r['map']:.4f} ({-r['drop_pt']:+.2f} pt, gate "
+        print(f"{r['variant']:16s} mAP {r['map']:.4f} ({0.0 - r['drop_pt']:+.2f} pt, gate "
               f"{'pass' if r['gate']['passed'] else 'FAIL'})  {r['latency_ms_bs1']:7.1f} ms/image  "
               f"{r[f'throughput_bs{SERVED_BATCH}']:6.1f} images/s  {r[f'speedup_bs{SERVED_BATCH}']}x")
     print("pick:", {k: c and c["variant"] for k, c in report["pick"]["choice"].items()},
