@@ -109,6 +109,9 @@ def test_the_optimized_variant_is_checked_gated_timed_and_picked(detector: Path)
     unknown = subprocess.run([sys.executable, "-m", "training.detection_variants", str(detector), "--variants",
                                 "lean_bogus"], capture_output=True, text=True, cwd=ROOT)
     assert unknown.returncode == 2 and "unknown technique 'bogus'" in unknown.stderr
+    classifier_path = subprocess.run([sys.executable, "-m", "training.optimize", str(detector), "--variants", "fp32"],
+                                     capture_output=True, text=True, cwd=ROOT)
+    assert classifier_path.returncode == 1 and "training.detection_variants" in classifier_path.stderr
 
 
 

@@ -200,6 +200,9 @@ def load_parent(parent_dir: Path) -> tuple[ModelCard, torch.nn.Module]:
     if card.parent is not None:
         raise ValueError(f"{parent_dir} is itself a variant ({card.variant}); optimize its fp32 parent "
                          f"{card.parent.dir} instead")
+    if card.task == "detection":
+        raise ValueError(f"{parent_dir} is a detector; its techniques are fewer proposals, a factorised box head "
+                         f"and int8: python -m training.detection_variants {parent_dir}")
     return card, load_float(parent_dir, card)
 
 
