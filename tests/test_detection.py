@@ -37,6 +37,7 @@ from training.golden import encode_png
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 ALL = {"X-Score-Threshold": "0"}  # every box the model gives (a bounded run's detector scores low)
 VARIANT = "lean_svd"
+INT8 = "lean_svd_int8"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("detector") / "fasterrcnn"
     subprocess.run([sys.executable, "-m", "training.detect", "--out", str(out), "--images", "12", "--image-size",
                     "96", "--epochs", "1", "--batch-size", "4", "--no-progress"], check=True, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "training.detection_variants", str(out), "--variants", VARIANT,
+    subprocess.run([sys.executable, "-m", "training.detection_variants", str(out), "--variants", f"{VARIANT},{INT8}",
                     "--proposals", "20", "--rank", "64", "--rounds", "1", "--timing-images", "2"], check=True, cwd=ROOT)
     return out
 
@@ -103,9 +104,11 @@ def test_the_optimized_variant_is_checked_gated_timed_and_picked(detector: Path)
     assert variant.recipe.args["lean"]["proposals"] == 20 and variant.recipe.args["svd"]["rank"] == 64
     assert variant.test.map is not None and variant.parent.sha256 == sha256(detector / "model.pth")
     report = json.loads((detector / "optimization" / "report.json").read_text())
-    assert [r["variant"] for r in report["rows"]] == ["torchscript", VARIANT]
+    assert [r["variant"] for r in report["rows"]] == ["torchscript", VARIANT, INT8]
+    int8 = ModelCard.read(detector / "variants" / INT8)
+    assert int8.precision == "int8" and int8.cpu_only and int8.export["parity"]["ok"]
     assert all(r["latency_ms_bs1"] > 0 and r["gate"]["passed"] for r in report["rows"])
-    assert read_pick(detector, "throughput").name in {"torchscript", VARIANT}
+    assert read_pick(detector, "throughput").name in {"torchscript", VARIANT, INT8}
     unknown = subprocess.run([sys.executable, "-m", "training.detection_variants", str(detector), "--variants",
                                 "lean_bogus"], capture_output=True, text=True, cwd=ROOT)
     assert unknown.returncode == 2 and "unknown technique 'bogus'" in unknown.stderr

@@ -202,8 +202,10 @@ def test_logits_on_request_and_describe(handler, tiny_splits, tiny_card) -> None
                    headers=[{}, {"describe": "True"}, {"X-Return-Logits": "true"}, {}, {"X-Return-Logits": "maybe"}])
     logits = torch.tensor(results[0][1]["logits"])
     assert logits.shape == (10,) and tiny_card.labels[int(logits.argmax())] == results[0][1]["label"]
-    # The same option as a header (a raw body: TorchServe passes no query parameters) or a form field.
-    assert results[2][1]["logits"] == results[3][1]["logits"] == results[0][1]["logits"]
+    # The same option as a header (a raw body: TorchServe passes no query parameters) or a form field. Rows of one
+    # batch may differ in the last printed digit (oneDNN blocks rows differently; seen on an AVX2-only EPYC).
+    for other in (results[2][1]["logits"], results[3][1]["logits"]):
+        torch.testing.assert_close(torch.tensor(other), logits, atol=2e-6, rtol=0)
     assert results[4][0] == 422 and results[4][1]["error"]["code"] == "bad_option"
     assert results[1][0] == 200
     described = results[1][1]
