@@ -3,6 +3,7 @@
     ./build_mar.sh artifacts/resnet18                          # name and version from metadata.json
     ./build_mar.sh artifacts/resnet18/variants/int8 --name digits_int8 --version 1.1
     ./build_mar.sh artifacts/resnet18 --pick throughput          # the variant training.optimize --pick chose
+    ./build_mar.sh artifacts/resnet18/variants/int8 --check      # gate it and print the config it would pack
 
 Steps: check inputs -> accuracy gate -> stage metadata + handlers + model-config.yaml
        -> torch-model-archiver -> record sha256 in model_store/manifest.json
@@ -19,8 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+import yaml
+
 from handlers.contract import CARD_FILE, MANIFEST_FILE, ModelCard
 from packager import gate
+from packager.config import serving_config
 from packager.manifest import record
 from packager.pick import PICK_KINDS, read_pick
 from packager.stage import stage
@@ -57,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--store", type=Path, default=ROOT / "model_store", metavar="DIR",
                     help="output directory (default: model_store)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing archive")
+    ap.add_argument("--check", action="store_true", help="run the accuracy gate and print the model-config.yaml "
+                    "the archive would pack, then stop (exit 1 if the gate fails); writes nothing")
     return ap
 
 
@@ -81,8 +87,7 @@ def check_inputs(model_dir: Path, handler: str) -> ModelCard:
     return ModelCard.read(model_dir)
 
 
-def build(args: argparse.Namespace) -> Path:
-    tool = archiver()
+def build(args: argparse.Namespace) -> Path | None:
     model_dir = args.model_dir
     if args.pick:
         if not model_dir.is_dir():
@@ -94,6 +99,12 @@ def build(args: argparse.Namespace) -> Path:
     if not passed:
         raise ValueError(f"accuracy gate FAILED - {verdict}. Not packaging; retune the variant or raise --budget")
     print(f"accuracy gate passed - {verdict}")
+    if args.check:
+        cfg, sources = serving_config(model_dir, args.config)
+        print(f"# model-config.yaml from {' + '.join(map(str, sources))}")
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return None
+    tool = archiver()
     name = args.name or card.name
     mar = args.store / f"{args.archive or name}.mar"
     if mar.exists() and not args.force:

@@ -1,15 +1,12 @@
 """The model-config.yaml an archive packs: handlers/model-config.yaml, with a variant's tuned-config.yaml (the
 tuner's choice for it) over it, refused when TorchServe would read a value differently from what it says; and
-the writer the tuner uses to change those keys in place.
-
-    python -m packager.config MODEL_DIR [--config FILE]   # the model-config.yaml a build of MODEL_DIR would pack
+the writer the tuner uses to change those keys in place. `./build_mar.sh MODEL_DIR --check` prints the
+model-config.yaml a build would pack.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,18 +112,3 @@ def tuned_text(values: dict[str, int | str], header: str) -> str:
         (nested.setdefault(section, {}) if section else nested)[key] = value
     return "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(nested, sort_keys=False)
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--config", type=Path, default=None, help="pack this file as is")
-    args = ap.parse_args()
-    try:
-        cfg, sources = serving_config(args.model_dir, args.config)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"# from {' + '.join(map(str, sources))}\n{yaml.safe_dump(cfg, sort_keys=False)}", end="")
-
-
-if __name__ == "__main__":
-    main()

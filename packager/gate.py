@@ -1,16 +1,11 @@
 """The accuracy gate: a variant ships only if its held-out headline figure (top-1, or mAP for a detector) is
-within a budget of its fp32 parent's, in points.
-
-    python -m packager.gate artifacts/resnet18/variants/int8 --budget 0.5   # exit 1 if over budget
+within a budget of its fp32 parent's, in points. build_mar.sh runs it before packing
+(`./build_mar.sh DIR --check --budget 0.5` runs only it).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-from handlers.contract import CardError, ModelCard
+from handlers.contract import ModelCard
 
 DEFAULT_BUDGET_PT = 0.5
 
@@ -32,20 +27,3 @@ def check(card: ModelCard, budget_pt: float = DEFAULT_BUDGET_PT) -> tuple[bool, 
                f"(drop {drop:+.2f} pt, budget {budget_pt:.2f} pt)")
     return drop <= budget_pt + 1e-9, verdict
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_PT, help="allowed top-1 (or mAP) drop, in points")
-    args = ap.parse_args()
-    try:
-        passed, verdict = check(ModelCard.read(args.model_dir), args.budget)
-    except (FileNotFoundError, CardError) as e:
-        sys.exit(f"error: {e}")
-    if not passed:
-        sys.exit(f"error: accuracy gate FAILED - {verdict}. Not packaging; retune the variant or raise --budget")
-    print(f"accuracy gate passed - {verdict}")
-
-
-if __name__ == "__main__":
-    main()
