@@ -98,6 +98,16 @@ def timeline(outcomes: Sequence[Outcome], step_s: float = 1.0) -> list[dict[str,
             for k in range(max(buckets) + 1)]
 
 
+def wind_down(load: Load, since: float, after_s: float) -> dict[str, Any]:
+    """Keep the load on `after_s` more seconds, stop it, and sum up: the whole run, the window from `since`, and
+    the timeline."""
+    time.sleep(after_s)
+    outcomes = load.stop()
+    end = load.now()
+    return {"all": summary(outcomes, end), "after": summary(load.window(since, end), end - since),
+            "timeline": timeline(outcomes)}
+
+
 def replica_loss(c: Cluster, victim: str = "r2", concurrency: int = 4, before_s: float = 5.0,
                  restart_after_s: float = 3.0, after_s: float = 5.0) -> dict[str, Any]:
     """(a) SIGKILL every process of one replica under load; the restart comes `restart_after_s` later, as a
@@ -114,18 +124,13 @@ def replica_loss(c: Cluster, victim: str = "r2", concurrency: int = 4, before_s:
     ready_s = r.wait_ready()
     rejoin_s = ready_s + c.balancer.wait_state(victim, "UP", timeout=30)
     t_back = load.now()
-    time.sleep(after_s)
-    outcomes = load.stop()
-    end = load.now()
     return {
         "scenario": "replica_loss", "replicas": len(c.replicas), "victim": victim, "processes_killed": killed,
         "concurrency": concurrency, "detect_s": round(detect_s, 2), "restart_to_in_rotation_s": round(rejoin_s, 2),
-        "all": summary(outcomes, end),
         "before": summary(load.window(0, t_kill), t_kill),
         "while_down": summary(load.window(t_kill, t_back), t_back - t_kill),
-        "after": summary(load.window(t_back, end), end - t_back),
         "marks": {"kill": round(t_kill, 2), "restart": round(t_restart, 2), "back": round(t_back, 2)},
-        "timeline": timeline(outcomes),
+        **wind_down(load, t_back, after_s),
     }
 
 
@@ -152,16 +157,12 @@ def rolling_update(c: Cluster, new_store: Path, concurrency: int = 4, before_s: 
     t_start = load.now()
     steps = roll(c, load, [r.name for r in c.replicas], new_store)
     t_done = load.now()
-    time.sleep(after_s)
-    outcomes = load.stop()
-    end = load.now()
     return {
         "scenario": "rolling_update", "replicas": len(c.replicas), "concurrency": concurrency, "steps": steps,
-        "duration_s": round(t_done - t_start, 2), "all": summary(outcomes, end),
+        "duration_s": round(t_done - t_start, 2),
         "during": summary(load.window(t_start, t_done), t_done - t_start),
-        "after": summary(load.window(t_done, end), end - t_done),
         "marks": {"start": round(t_start, 2), "done": round(t_done, 2)},
-        "timeline": timeline(outcomes),
+        **wind_down(load, t_done, after_s),
     }
 
 
@@ -208,18 +209,14 @@ def canary(c: Cluster, v2_store: Path, v1_store: Path, share: float = 0.10, conc
     for r in c.replicas:
         c.balancer.set_weight(r.name, 100)
     t_done = load.now()
-    time.sleep(3.0)
-    outcomes = load.stop()
-    end = load.now()
     answered = sum(by_version[v]["requests"] for v in by_version)
     return {
         "scenario": "canary", "replicas": len(c.replicas), "concurrency": concurrency, "target_share": share,
         "measured_share": round(canary_figures["requests"] / answered, 4) if answered else 0.0,
         "by_version": by_version, "decision": "promote" if promote else "rollback", "reasons": reasons,
-        "canary_steps": steps, "decision_steps": decision_steps, "all": summary(outcomes, end),
-        "after": summary(load.window(t_done, end), end - t_done),
+        "canary_steps": steps, "decision_steps": decision_steps,
         "marks": {"observe": round(t_obs, 2), "decided": round(t_end, 2), "done": round(t_done, 2)},
-        "timeline": timeline(outcomes),
+        **wind_down(load, t_done, 3.0),
     }
 
 
