@@ -117,13 +117,21 @@ class AOTInductor(Runtime):
 
 
 class NumpyPredictor:
-    """A runtime that takes and returns numpy arrays, called like a torch model."""
+    """A runtime that takes and returns numpy arrays, called like a torch model: a batch tensor in, its first output
+    out; or, as a torchvision detector is called, a list of images in (each its own size, so one run each) and a
+    dict of the named outputs per image out."""
 
-    def __init__(self, run: Callable[[Any], Any]) -> None:
-        self.run = run
+    def __init__(self, run: Callable[[Any], list[Any]], names: list[str]) -> None:
+        self.run, self.names = run, names
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run(batch.detach().cpu().float().contiguous().numpy()))
+    def __call__(self, batch: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[dict[str, torch.Tensor]]:
+        if isinstance(batch, list):
+            return [dict(zip(self.names, map(torch.from_numpy, self.run(numpy(x))), strict=True)) for x in batch]
+        return torch.from_numpy(self.run(numpy(batch))[0])
+
+
+def numpy(x: torch.Tensor) -> Any:
+    return x.detach().cpu().float().contiguous().numpy()
 
 
 class OnnxRuntime(Runtime):
@@ -139,7 +147,7 @@ class OnnxRuntime(Runtime):
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return NumpyPredictor(lambda x: session.run(None, {name: x})[0])
+        return NumpyPredictor(lambda x: session.run(None, {name: x}), [o.name for o in session.get_outputs()])
 
 
 # The OpenVINO inference precision each card precision asks for; int8 IR keeps the plugin's default for the
@@ -171,7 +179,13 @@ class OpenVINO(Runtime):
             raise ValueError(f"OpenVINO variants run fp32, bf16 or int8, not {card.precision!r}")
         compiled = openvino.Core().compile_model(str(path), "CPU", openvino_config(card.precision, threads))
         request = compiled.create_infer_request()
-        return NumpyPredictor(lambda x: request.infer({0: x})[0])
+        outputs = list(compiled.outputs)
+
+        def run(x: Any) -> list[Any]:
+            result = request.infer({0: x})
+            return [result[o] for o in outputs]
+
+        return NumpyPredictor(run, [o.get_any_name() for o in outputs])
 
 
 class TensorRT(Runtime):

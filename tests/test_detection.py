@@ -36,7 +36,7 @@ from training.golden import encode_png
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 ALL = {"X-Score-Threshold": "0"}  # every box the model gives (a bounded run's detector scores low)
-VARIANT = "lean_svd"
+VARIANT = "lean_svd_onnx"  # served: techniques and a runtime other than TorchScript
 INT8 = "lean_svd_int8"
 
 
@@ -45,8 +45,9 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("detector") / "fasterrcnn"
     subprocess.run([sys.executable, "-m", "training.detect", "--out", str(out), "--images", "12", "--image-size",
                     "96", "--epochs", "1", "--batch-size", "4", "--no-progress"], check=True, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "training.detection_variants", str(out), "--variants", f"{VARIANT},{INT8}",
-                    "--proposals", "20", "--rank", "64", "--rounds", "1", "--timing-images", "2"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "training.detection_variants", str(out), "--variants",
+                    f"{VARIANT},{INT8},int8_onnx", "--proposals", "20", "--rank", "64", "--rounds", "1",
+                    "--timing-images", "2"], check=True, cwd=ROOT)
     return out
 
 
@@ -100,11 +101,13 @@ def test_training_writes_a_gated_detector_with_coco_figures(detector: Path) -> N
 
 def test_the_optimized_variant_is_checked_gated_timed_and_picked(detector: Path) -> None:
     variant = ModelCard.read(detector / "variants" / VARIANT)
-    assert variant.export["method"] == "script+freeze" and variant.export["parity"]["ok"]
+    assert variant.runtime == "onnxruntime" and variant.cpu_only and variant.export["parity"]["ok"]
+    assert variant.export["parity"]["images"] > variant.test.n  # the test images, and some of another size
     assert variant.recipe.args["lean"]["proposals"] == 20 and variant.recipe.args["svd"]["rank"] == 64
     assert variant.test.map is not None and variant.parent.sha256 == sha256(detector / "model.pth")
     report = json.loads((detector / "optimization" / "report.json").read_text())
     assert [r["variant"] for r in report["rows"]] == ["torchscript", VARIANT, INT8]
+    assert "ONNX export does not take" in report["skipped"]["int8_onnx"]
     int8 = ModelCard.read(detector / "variants" / INT8)
     assert int8.precision == "int8" and int8.cpu_only and int8.export["parity"]["ok"]
     assert all(r["latency_ms_bs1"] > 0 and r["gate"]["passed"] for r in report["rows"])

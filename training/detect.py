@@ -169,8 +169,7 @@ def train(args: argparse.Namespace) -> ModelCard:
     plot(test, eager, labels, out / "eval" / "test" / "detections.png")
     (out / "eval" / "test" / "report.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"test: mAP {metrics['map']:.4f}, mAP@.5 {metrics['map50']:.4f} on {len(test)} images -> {out}")
-    variant = detection_variants.export(out, detection_variants.BASELINE, model, test, {"method": "script+freeze"},
-                                        eager)
+    variant = detection_variants.export(out, detection_variants.BASELINE, model, test, {})
     print(f"torchscript: mAP {variant.test.map:.4f}, boxes {variant.export['parity']} -> "
           f"{out / 'variants' / 'torchscript'}")
     print(f"optimize it: python -m training.detection_variants {out}")
