@@ -32,6 +32,7 @@ EXPORTED_FILE = "model.pt2"
 GOLDEN_FILE = "golden.json"  # in an archive: held-out images with the packed artifact's build-time predictions
 HELD_OUT_FILE = "held_out.json"  # in a trained model directory: the golden set's images, sampled from the test split
 MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"  # a text model's Hugging Face tokenizer, packed beside its artifact
 KEY_FILE = "key_file.json"  # written by TorchServe in the directory it was started from
 
 # The runtimes an artifact can run on, and the file each one's artifact has by default: the one table of
@@ -41,11 +42,13 @@ RUNTIMES = {"eager": STATE_DICT_FILE, "compile": STATE_DICT_FILE, "torchscript":
             "tensorrt": "model.trt.pt2", "ensemble": "members.sha256"}
 # Files a runtime reads beside its artifact: suffix -> what it holds.
 COMPANIONS = {"openvino": (".bin",)}  # the IR's weights
+# Files a task reads beside the artifact, whatever the runtime: task -> file names.
+TASK_FILES = {"text": (TOKENIZER_FILE,)}
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 FUSIONS = ("mean", "weighted", "cascade")
 MEMBERS_DIR = "members"  # an ensemble's members, each a model directory of its own, inside the ensemble's
 # What a model does: each is served by the module of that name in handlers/tasks/.
-TASKS = ("classification", "regression", "detection")
+TASKS = ("classification", "regression", "detection", "text")
 REBUILD_HINT = ("recreate it with python -m training.train (or the command that made this variant), "
                 "then rebuild the archive with build_mar.sh")
 
@@ -131,11 +134,17 @@ class EvalSummary:
     map: float | None = None  # detection: COCO mAP@[.5:.95]
     map50: float | None = None  # detection: COCO mAP@.5
     per_class_ap: dict[str, float] | None = None  # detection: AP@[.5:.95] per label
+    confusion_matrix: list[list[int]] | None = None  # text: rows the true labels, columns the predicted ones
 
     def __post_init__(self) -> None:
         if (self.top1 is None) == (self.map is None):
             raise CardError("field 'metrics.test' needs exactly one headline figure: top1 (classification, "
-                            "regression) or map (detection)")
+                            "regression, text) or map (detection)")
+        m = self.confusion_matrix
+        if m is not None and (any(len(row) != len(m) for row in m) or min(map(min, m), default=0) < 0
+                              or sum(map(sum, m)) != self.n):
+            raise CardError(f"field 'metrics.test.confusion_matrix' must be a square matrix of counts summing to "
+                            f"n={self.n}")
 
     @property
     def headline(self) -> tuple[str, float]:
@@ -268,6 +277,12 @@ class ModelCard:
             raise CardError(f"field 'task' is {self.task!r}; expected one of {', '.join(TASKS)}")
         if not self.labels:
             raise CardError("field 'labels' is empty; a model needs at least one output name")
+        test = self.metrics.test
+        if test is not None and test.confusion_matrix is not None and len(test.confusion_matrix) != len(self.labels):
+            raise CardError(f"field 'metrics.test.confusion_matrix' has {len(test.confusion_matrix)} rows for "
+                            f"{len(self.labels)} labels")
+        if self.task == "text" and len(self.input.shape) != 1:
+            raise CardError(f"field 'input.shape' of a text model is [most tokens per text], got {self.input.shape}")
         if (self.runtime == "ensemble") != (self.fusion is not None):
             raise CardError("field 'fusion' is required with runtime 'ensemble' and allowed with no other runtime")
         for name in ("artifact", "checkpoint"):
@@ -277,11 +292,12 @@ class ModelCard:
 
     @property
     def files(self) -> list[str]:
-        """The artifact and the files its runtime reads beside it, all in the model directory."""
+        """The artifact and the files its runtime and its task read beside it, all in the model directory."""
         stem = Path(self.artifact).stem
         members = [f"{MEMBERS_DIR}/{m.dir}/{name}" for m in (self.fusion.members if self.fusion else [])
                    for name in (CARD_FILE, *m.files)]
-        return [self.artifact, *(stem + suffix for suffix in COMPANIONS.get(self.runtime, ())), *members]
+        return [self.artifact, *(stem + suffix for suffix in COMPANIONS.get(self.runtime, ())),
+                *TASK_FILES.get(self.task, ()), *members]
 
     @property
     def num_classes(self) -> int:

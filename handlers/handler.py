@@ -28,7 +28,7 @@ from handlers.explain import Saliency, overlay_png
 from handlers.imaging import DEFAULT_MAX_PIXELS
 from handlers.protocols import Answer, Parsed, Protocol
 from handlers.runtimes import RUNTIMES, load_model
-from handlers.tasks import Task, task_class, text
+from handlers.tasks import Task, as_str, task_class
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ModelHandler:
         kind = task_class(self.card)
         self.settings = read_settings(yaml_cfg.get("handler") or {}, kind)
         self.device = self._pick_device(props.get("gpu_id"))
-        self.task = kind(self.card, self.settings, self.device)
+        self.task = kind(self.card, self.settings, self.device, self.model_dir)
         # Only a runtime whose threads follow torch.set_num_threads leases; one fixed at load keeps the fixed
         # share, since leasing it every core serialized the workers.
         elastic = RUNTIMES[self.card.runtime].elastic
@@ -110,7 +110,8 @@ class ModelHandler:
         self.version = model_info.get("modelVersion") or self.card.version
         self.batch_size = int(props.get("batch_size") or 1)
         self.task.setup()
-        self.served = protocols.Model(self.model_name, self.version, self.task.outputs(), tuple(self.task.options))
+        self.served = protocols.Model(self.model_name, self.version, self.task.outputs(), tuple(self.task.options),
+                                      self.task.reads_text)
         self.saliency: Saliency | None = None  # built on the first explanation
         self._warm_up()
         # A compile runtime compiles during the warm-up: start-up cost, reported rather than hidden.
@@ -217,7 +218,7 @@ class ModelHandler:
     def _header(self, idx: int, name: str) -> bool:
         """describe: TorchServe's describe call (management `?customized=true`) or a `describe: true` header;
         explain: POST /explanations/{model}, which the frontend marks with an `explain: True` header."""
-        return text(self._headers(idx).get(name, "")).lower() == "true"
+        return as_str(self._headers(idx).get(name, "")).lower() == "true"
 
     def _explanation(self, idx: int, row: dict[str, Any]) -> Any:
         """One input's top-label saliency, computed on the fp32 parent; 501 when the archive or Captum lacks it."""
@@ -342,7 +343,7 @@ class ModelHandler:
                 "accepts": self.task.accepts,
                 "input_shape": list(self.task.input_shape()),
                 "options": sorted(self.task.options),
-                "limits": {k: self.settings[k] for k in ("max_bytes", "max_pixels") if k in self.settings},
+                "limits": {k: self.settings[k] for k in ("max_bytes", "max_pixels", "max_chars") if k in self.settings},
                 "open_inference": {
                     "inputs": [{"name": name, "datatype": datatype, "shape": [-1, *item]}],
                     "outputs": [{"name": o.name, "datatype": o.datatype, "shape": [-1, *o.shape]}

@@ -1,7 +1,7 @@
 """The request and response bodies the handler speaks: TorchServe's raw bodies, KServe v1, and the Open
 Inference Protocol (KServe v2, JSON or with the binary-data extension).
 
-A protocol turns one request body into payloads (image bytes, or a tensor-like value) and turns the
+A protocol turns one request body into payloads (image bytes, a text, or a tensor-like value) and turns the
 per-item results back into that protocol's response, or an error into that protocol's error body. The
 handler never looks inside a body itself.
 """
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from handlers.tasks import Output
 
 BASE64_KEYS = ("data", "image", "b64")
+TEXT_KEYS = ("text", "inputs", "data")  # where a JSON body carries a text model's input (inputs: Hugging Face's)
 # The OIP binary-data extension: the JSON header's length; the binary tensors follow it.
 BINARY_HEADER = "inference-header-content-length"
 DATA_URI = re.compile(rb"^data:[^,]*?(;base64)?,", re.IGNORECASE)
@@ -53,6 +54,12 @@ class Model:
     version: str
     outputs: tuple[Output, ...]
     options: tuple[str, ...] = ()
+    text: bool = False  # the task reads text: a string payload is the input, not base64
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The JSON keys that hold a payload."""
+        return TEXT_KEYS if self.text else BASE64_KEYS
 
     @property
     def output_names(self) -> list[str]:
@@ -125,7 +132,8 @@ class Protocol:
 
 
 class Raw(Protocol):
-    """TorchServe's own bodies: image bytes, a data: URI, {"data"|"image"|"b64": base64 or tensor}, or a tensor."""
+    """TorchServe's own bodies: image bytes, a data: URI, {"data"|"image"|"b64": base64 or tensor}, or a tensor;
+    for a model that reads text, the text (text/plain, or bytes) or {"text"|"inputs"|"data": the text}."""
 
     def parse(self, body: Any, headers: dict[str, str], model: Model, max_bytes: int) -> Parsed:
         if body is None:
@@ -138,15 +146,17 @@ class Raw(Protocol):
             raise InputError("empty_body", "the request has no body; send image bytes or JSON")
         if isinstance(body, (bytes, bytearray)) and len(body) > max_bytes:
             raise InputError("body_too_large", f"body is {len(body)} bytes; the limit is {max_bytes}", 413)
-        if isinstance(body, (bytes, bytearray)) and DATA_URI.match(body[:256]):
+        if isinstance(body, (bytes, bytearray)) and not model.text and DATA_URI.match(body[:256]):
             return Parsed([decode_base64(body, max_bytes)])
         if isinstance(body, str):
+            if model.text:
+                return Parsed([body])
             if DATA_URI.match(body[:256].encode("ascii", "replace")):
                 return Parsed([decode_base64(body, max_bytes)])
             raise InputError("unsupported_format", "got text that is neither JSON nor a data: URI; send image "
                              "bytes, base64 in JSON, or a data:image/...;base64 URI", 415)
         if isinstance(body, dict):
-            return Parsed([json_payload(body, max_bytes)], model.options_in(body))
+            return Parsed([json_payload(body, max_bytes, model)], model.options_in(body))
         return Parsed([body])
 
     def respond(self, answers: list[Answer], parsed: Parsed, model: Model) -> Any:
@@ -163,7 +173,7 @@ class KServeV1(Protocol):
         instances = body["instances"]
         if not isinstance(instances, list) or not instances:
             raise InputError("bad_request", 'KServe v1 "instances" must be a non-empty list')
-        return Parsed([json_payload(x, max_bytes) for x in instances], model.options_in(body))
+        return Parsed([json_payload(x, max_bytes, model) for x in instances], model.options_in(body))
 
     def respond(self, answers: list[Answer], parsed: Parsed, model: Model) -> Any:
         return {"predictions": [a.json for a in answers]}
@@ -172,7 +182,7 @@ class KServeV1(Protocol):
 class OpenInference(Protocol):
     """The Open Inference Protocol (KServe v2) infer request, in JSON or with the binary-data extension.
 
-    One input: BYTES (encoded images: binary, base64 or a data: URI) or a numeric tensor whose first
+    One input: BYTES (encoded images: binary, base64 or a data: URI; or texts) or a numeric tensor whose first
     dimension is the batch. Outputs: the task's declared outputs, first dimension the items of the request
     (classification: `labels` and `probabilities` [n, k], and `logits` when named in "outputs" or asked by the
     `return_logits` parameter; detection: `boxes` [n, m, 4], `scores` and `labels` [n, m], `count` [n]).
@@ -198,7 +208,7 @@ class OpenInference(Protocol):
             raise InputError("unknown_output", f"outputs {unknown} are not served; this model answers "
                              f"{model.output_names}")
         request_id = body.get("id")
-        return Parsed(input_payloads(inputs[0], binary, max_bytes), model.options_in(params),
+        return Parsed(input_payloads(inputs[0], binary, max_bytes, model.text), model.options_in(params),
                       outputs=outputs, id=str(request_id) if request_id is not None else None)
 
     @staticmethod
@@ -234,8 +244,10 @@ def header_length(headers: dict[str, str], body_size: int) -> int:
     return size
 
 
-def input_payloads(tensor: dict[str, Any], binary: memoryview | bytes, max_bytes: int) -> list[Any]:
-    """One OIP input tensor -> payloads: image bytes (BYTES) or one tensor per batch row (numbers)."""
+def input_payloads(tensor: dict[str, Any], binary: memoryview | bytes, max_bytes: int, text: bool = False
+                   ) -> list[Any]:
+    """One OIP input tensor -> payloads: image bytes or texts (BYTES) or one tensor per batch row (numbers). In
+    JSON, a BYTES element is base64 of binary data, or the text itself for a model that reads `text`."""
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InputError("bad_request", f"input shape must be a list of non-negative integers, got {shape!r}")
@@ -263,7 +275,7 @@ def input_payloads(tensor: dict[str, Any], binary: memoryview | bytes, max_bytes
         flat = [x for row in items for x in (row if isinstance(row, list) else [row])]
         if len(flat) != count:
             raise InputError("wrong_shape", f"BYTES input has {len(flat)} elements but shape {shape}", 422)
-        return [x if isinstance(x, (bytes, bytearray)) else decode_base64(str(x), max_bytes) for x in flat]
+        return [x if isinstance(x, (bytes, bytearray)) or text else decode_base64(str(x), max_bytes) for x in flat]
     if datatype not in NUMERIC:
         raise InputError("wrong_dtype", f"datatype {datatype!r} is not supported; send BYTES images or one of "
                          f"{sorted(NUMERIC)}", 422)
@@ -310,19 +322,20 @@ def output_tensors(rows: list[dict[str, Any]], outputs: tuple[Output, ...]) -> d
     return tensors
 
 
-def json_payload(obj: Any, max_bytes: int) -> Any:
-    """A JSON value -> base64-decoded bytes or a tensor-like list."""
+def json_payload(obj: Any, max_bytes: int, model: Model) -> Any:
+    """A JSON value -> base64-decoded bytes or a tensor-like list; a string stays text for a model that reads it."""
     if isinstance(obj, dict):
-        for key in BASE64_KEYS:
+        for key in model.keys:
             if key in obj:
                 value = obj[key]
-                return decode_base64(value, max_bytes) if isinstance(value, str) else value
+                return decode_base64(value, max_bytes) if isinstance(value, str) and not model.text else value
+        what = "the text" if model.text else "base64 image bytes or a tensor"
         raise InputError(
             "bad_request_key",
-            f"JSON body has keys {sorted(obj)[:5]}; put base64 image bytes or a tensor under "
-            f"one of {list(BASE64_KEYS)}, or send KServe 'instances'/'inputs'",
+            f"JSON body has keys {sorted(obj)[:5]}; put {what} under "
+            f"one of {list(model.keys)}, or send KServe 'instances'/'inputs'",
         )
-    if isinstance(obj, str):
+    if isinstance(obj, str) and not model.text:
         return decode_base64(obj, max_bytes)
     return obj
 
@@ -331,8 +344,10 @@ def detect(body: Any, headers: dict[str, str]) -> tuple[Protocol, Any]:
     """Which protocol a body speaks, and the body as that protocol's parse takes it."""
     if BINARY_HEADER in headers:
         return OPEN_INFERENCE, body
+    if headers.get("content-type", "").startswith("text/plain"):  # text, even when it starts with { or [
+        return RAW, body
     body = as_json(body)
-    if isinstance(body, dict) and "inputs" in body:
+    if isinstance(body, dict) and "inputs" in body and not isinstance(body["inputs"], str):  # a string: HF's
         return OPEN_INFERENCE, body
     if isinstance(body, dict) and "instances" in body:
         return KSERVE_V1, body

@@ -4,7 +4,8 @@
 
 Images are PNG (lossless), so the served handler decodes exactly the uint8 tensors the offline
 evaluation used, and the recorded build-time score is the figure the served model must reproduce: top-1 for a
-classifier; for a detector, F1 of its boxes scoring >= 0.5 against the true boxes (same label, IoU >= 0.5).
+classifier (of images or of texts, which are kept as UTF-8 text); for a detector, F1 of its boxes scoring >= 0.5
+against the true boxes (same label, IoU >= 0.5).
 training samples the images (held_out.json beside the trained model), `build` adds what the packed artifact
 predicts for each, packager.stage packs the result and deploy.canary reads it from the archive. Reading it
 stays light: torch is imported only to build.
@@ -112,13 +113,23 @@ def build(model_dir: Path, card: ModelCard, batch: int = 64) -> dict[str, Any]:
 
     from handlers.imaging import Normalizer, decode_image, resize_batch
     from handlers.runtimes import load_model
+    from handlers.tasks import task_class
     from handlers.tasks.detection import detect
 
     sample = held_out(model_dir, card)
     model = load_model(model_dir, card, repeatable=True)
-    pictures = [decode_image(base64.b64decode(it["png"])) for it in sample["items"]]
+    pictures = [decode_image(base64.b64decode(it["png"])) for it in sample["items"] if "png" in it]
     with torch.inference_mode():
-        if sample.get("task") == "detection":
+        if sample.get("task") == "text":
+            # Tokenized by the task that serves it, one text per call as a client sends them: int8 quantizes
+            # activations over the whole batch, so its answers can move with what shares a batch.
+            kind = task_class(card)
+            text = kind(card, dict(kind.defaults), torch.device("cpu"), Path(model_dir))
+            text.setup()
+            answers = [card.labels[int(text.predict(model, text.batch([text.decode(it["text"])])).argmax())]
+                       for it in sample["items"]]
+            items = [{**it, "build_label": a} for it, a in zip(sample["items"], answers, strict=True)]
+        elif sample.get("task") == "detection":
             found = detect(model, [p.float() / 255 for p in pictures])
             answers: list[Any] = [[(card.labels[int(k)], round(float(s), 4), [round(float(x), 2) for x in b])
                                    for b, s, k in zip(d["boxes"], d["scores"], d["labels"], strict=True)
@@ -138,8 +149,9 @@ def build(model_dir: Path, card: ModelCard, batch: int = 64) -> dict[str, Any]:
 
 
 def images(golden: dict[str, Any]) -> list[tuple[bytes, Any]]:
-    """[(png bytes, truth)]: the label, or a detector's true boxes."""
-    return [(base64.b64decode(it["png"]), truth(it)) for it in golden["items"]]
+    """[(png bytes, or a text's UTF-8 bytes; truth)]: the label, or a detector's true boxes."""
+    return [(it["text"].encode() if "text" in it else base64.b64decode(it["png"]), truth(it))
+            for it in golden["items"]]
 
 
 def build_score(golden: dict[str, Any], limit: int | None = None) -> float:
@@ -160,7 +172,8 @@ def main() -> None:
     for it in g["items"]:
         for label in it.get("labels", [it.get("label")]):
             counts[label] = counts.get(label, 0) + 1
-    print(f"{g['n']} images ({g['source']}), build-time {metric(g)} {100 * build_score(g):.2f}% ({g['variant']}), "
+    what = "texts" if task(g) == "text" else "images"
+    print(f"{g['n']} {what} ({g['source']}), build-time {metric(g)} {100 * build_score(g):.2f}% ({g['variant']}), "
           f"per label {counts}")
 
 

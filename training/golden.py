@@ -80,6 +80,11 @@ def write(model_dir: Path, size: int = DEFAULT_SIZE) -> dict[str, Any]:
 
         return detect.write_held_out(Path(model_dir), test_samples(card), card.labels,
                                      card.details["dataset"]["fingerprint"])
+    if card.task == "text":  # likewise training.text and its splits
+        from training import text
+        from training.text_data import from_record
+
+        return text.write_held_out(Path(model_dir), from_record(card.details["dataset"]), size)
     held_out = sample(model_dir, size)
     (Path(model_dir) / HELD_OUT_FILE).write_text(json.dumps(held_out, separators=(",", ":")) + "\n")
     return held_out

@@ -194,15 +194,20 @@ def stacked(technique: type[RuntimeTechnique], precisions: Sequence[str],
     return out
 
 
+# Tasks whose variants training.<task>_variants makes, not these techniques: task -> what they are.
+OWN_VARIANTS = {"detection": "its techniques are fewer proposals, a factorised box head and int8",
+                "text": "its variants are fp32 TorchScript and int8"}
+
+
 def load_parent(parent_dir: Path) -> tuple[ModelCard, torch.nn.Module]:
     """The fp32 parent's card and its eager model (eval mode, channels_last) from its state_dict."""
     card = ModelCard.read(parent_dir)
     if card.parent is not None:
         raise ValueError(f"{parent_dir} is itself a variant ({card.variant}); optimize its fp32 parent "
                          f"{card.parent.dir} instead")
-    if card.task == "detection":
-        raise ValueError(f"{parent_dir} is a detector; its techniques are fewer proposals, a factorised box head "
-                         f"and int8: python -m training.detection_variants {parent_dir}")
+    if card.task in OWN_VARIANTS:
+        raise ValueError(f"{parent_dir} is a {card.task} model; {OWN_VARIANTS[card.task]}: python -m "
+                         f"training.{card.task}_variants {parent_dir}")
     return card, load_float(parent_dir, card)
 
 

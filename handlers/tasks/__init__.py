@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +48,8 @@ def flag(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-def text(value: Any) -> str:
+def as_str(value: Any) -> str:
+    """A value as a string (bytes as UTF-8). Not named text: handlers.tasks.text is the text task's module."""
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
@@ -56,12 +58,16 @@ class Task:
 
     accepts = 'JSON {"data": nested lists matching the model input shape}, or KServe v1/v2 tensors'
     oip_input = ("input", "FP32")  # the input the OIP metadata declares: (name, datatype)
+    # True: a string payload is the input itself (text), not base64 of binary data.
+    reads_text = False
     defaults: dict[str, Any] = {}  # model-config.yaml handler options this task adds to the adapter's
     # Per-request options (a JSON body's keys, KServe v1 keys, OIP parameters, query parameters) -> their parsers.
     options: dict[str, Callable[[Any], Any]] = {}
 
-    def __init__(self, card: ModelCard, settings: dict[str, Any], device: torch.device) -> None:
-        self.card, self.settings, self.device = card, settings, device
+    def __init__(self, card: ModelCard, settings: dict[str, Any], device: torch.device,
+                 model_dir: Path | None = None) -> None:
+        # model_dir: where the card's companion files are (card.files); only a task that reads one needs it.
+        self.card, self.settings, self.device, self.model_dir = card, settings, device, model_dir
 
     def setup(self) -> None:
         """Per-model state, built once after the model is loaded."""
@@ -113,7 +119,7 @@ class Task:
             try:
                 parsed[name] = self.options[name](value)
             except (TypeError, ValueError) as e:
-                raise InputError("bad_option", f"option {name}={text(value)[:80]!r} is not valid: {e}", 422) from e
+                raise InputError("bad_option", f"option {name}={as_str(value)[:80]!r} is not valid: {e}", 422) from e
         return parsed
 
     def split_rows(self, payload: Any) -> list[Any]:

@@ -14,18 +14,18 @@ import torch
 
 from handlers.errors import InputError
 from handlers.imaging import SUPPORTED, decode_image
-from handlers.tasks import Output, Task, text
+from handlers.tasks import Output, Task, as_str
 
 
 def unit_interval(value: Any) -> float:
-    number = float(text(value))
+    number = float(as_str(value))
     if not 0 <= number <= 1:
         raise ValueError("send a number from 0 to 1")
     return number
 
 
 def positive_int(value: Any) -> int:
-    number = int(text(value))
+    number = int(as_str(value))
     if number < 1:
         raise ValueError("send a whole number of at least 1")
     return number
@@ -33,7 +33,7 @@ def positive_int(value: Any) -> int:
 
 def label_list(value: Any) -> list[str]:
     """A JSON list of labels, or comma-separated labels (a query parameter)."""
-    names = value if isinstance(value, list) else text(value).split(",")
+    names = value if isinstance(value, list) else as_str(value).split(",")
     return [str(n).strip() for n in names if str(n).strip()]
 
 
