@@ -112,8 +112,8 @@ TECHNIQUES: dict[str, Callable[[torch.nn.Module, argparse.Namespace], dict[str, 
     "lean": fewer_proposals, "svd": factorised_head, "int8": int8_head}
 # A variant name's last part may name the runtime it is exported to (default: frozen TorchScript).
 RUNTIME_SUFFIXES = {"onnx": "onnxruntime", "openvino": "openvino"}
-DEFAULT_VARIANTS = ("lean", "svd", "int8", "lean_svd", "lean_svd_int8", "onnx", "lean_svd_onnx", "openvino",
-                    "lean_svd_openvino")
+DEFAULT_VARIANTS = ("lean", "svd", "int8", "lean_svd", "lean_svd_int8", "onnx", "lean_onnx", "lean_svd_onnx",
+                    "openvino", "lean_openvino", "lean_svd_openvino")
 ONNX_OUTPUTS = ["boxes", "labels", "scores"]  # a torchvision detector's, so the runtime answers as the model does
 
 
