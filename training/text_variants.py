@@ -51,7 +51,7 @@ from packager.pick import REPORT_DIR, variant_dir
 from training.evaluate import classification_metrics, summary
 from training.evaluate import write_report as write_eval
 from training.export import ParityError
-from training.text_data import Example, from_record
+from training.text_data import Example, from_record, read_user_data
 from training.variant_report import SERVED_BATCH, print_rows, publish, row, timed
 from training.variants.int8 import dynamic_int8, quantization_warnings
 
@@ -81,6 +81,26 @@ def hf_classifier(model_dir: Path, pad_id: int) -> TokenClassifier:
     logging.disable_progress_bar()
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
     return TokenClassifier(model, pad_id).eval()
+
+
+def examples_in(path: Path, labels: list[str]) -> list[Example]:
+    """Held-out texts a user brings (a CSV or JSONL of text,label, or a folder per class), as the model's labels."""
+    pairs = read_user_data(path)
+    unknown = sorted({label for _, label in pairs} - set(labels))
+    if unknown:
+        raise ValueError(f"{path} has labels {unknown[:5]} the model does not have ({', '.join(labels[:10])})")
+    return [Example(text, labels.index(label)) for text, label in pairs]
+
+
+def test_examples(card: ModelCard) -> list[Example]:
+    """The test split a model trained here was scored on, or the held-out texts an imported model was scored on."""
+    details = card.details or {}
+    if "dataset" in details:
+        return from_record(details["dataset"]).test
+    if "held_out" in details:
+        return examples_in(Path(details["held_out"]), card.labels)
+    raise ValueError("this model has no held-out texts to check and gate variants on; bring it again with "
+                     "python -m training.bring --hf-dir DIR --eval-dir HELD_OUT (a .csv or .jsonl of text,label)")
 
 
 def encoded(model_dir: Path, card: ModelCard, examples: list[Example]) -> tuple[list[Encoded], int]:
@@ -168,7 +188,7 @@ def optimize(parent_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     if card.task != "text" or card.parent is not None:
         raise ValueError(f"{parent_dir} is not a trained text classifier (task {card.task}); train one with "
                          "python -m training.text")
-    examples = from_record(card.details["dataset"]).test
+    examples = test_examples(card)
     made = {}
     for name in (BASELINE, *args.variants):
         started = time.perf_counter()
