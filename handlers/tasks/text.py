@@ -47,8 +47,8 @@ def load_tokenizer(path: Path, max_tokens: int) -> tuple[Tokenizer, int]:
     tokenizer = Tokenizer.from_file(str(path))
     padding = tokenizer.padding
     if padding is None:
-        raise ValueError(f"{path} sets no padding, so the pad id the model masks is unknown; train the model with "
-                         "python -m training.text")
+        raise ValueError(f"{path} sets no padding, so the pad id the model masks is unknown; bring the model with "
+                         "python -m training.bring --hf-dir (which sets it), or train it with python -m training.text")
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_tokens)
     return tokenizer, int(padding["pad_id"])
