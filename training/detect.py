@@ -40,6 +40,7 @@ from training.detection_data import BACKGROUND, DIGITS, Sample, fingerprint, rea
 from training.detection_eval import coco_metrics, plot, predict, summary
 from training.golden import encode_png
 from training.recipe import short_run_batchnorm
+from training.variant_report import BASELINE
 
 
 def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Sample]], list[str]]:
@@ -169,7 +170,7 @@ def train(args: argparse.Namespace) -> ModelCard:
     plot(test, eager, labels, out / "eval" / "test" / "detections.png")
     (out / "eval" / "test" / "report.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"test: mAP {metrics['map']:.4f}, mAP@.5 {metrics['map50']:.4f} on {len(test)} images -> {out}")
-    variant = detection_variants.export(out, detection_variants.BASELINE, model, test, {})
+    variant = detection_variants.export(out, BASELINE, model, test, {})
     print(f"torchscript: mAP {variant.test.map:.4f}, boxes {variant.export['parity']} -> "
           f"{out / 'variants' / 'torchscript'}")
     print(f"optimize it: python -m training.detection_variants {out}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -47,15 +46,12 @@ from handlers.contract import (
 from handlers.deprecations import known_deprecations
 from handlers.loading import build_model, load_state_dict
 from handlers.runtimes import load_model
-from packager import gate
-from packager.pick import REPORT_DIR, variant_dir
+from packager.pick import variant_dir
 from training.detection_data import Sample, test_samples
 from training.detection_eval import box_parity, coco_metrics, predict, summary
 from training.export import ParityError
-from training.variant_report import SERVED_BATCH, print_rows, publish, row, timed
+from training.variant_report import BASELINE, SERVED_BATCH, arguments, parent_card, parse, publish, row, run, timed
 from training.variants.int8 import quantization_warnings
-
-BASELINE = "torchscript"
 
 
 class NotApplicable(ValueError):
@@ -224,10 +220,8 @@ def make(parent_dir: Path, name: str, samples: list[Sample], args: argparse.Name
 
 
 def optimize(parent_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    card = ModelCard.read(parent_dir)
-    if card.task != "detection" or card.parent is not None:
-        raise ValueError(f"{parent_dir} is not a trained detector (task {card.task}); train one with python -m "
-                         "training.detect, or optimize a classifier with python -m training.optimize")
+    card = parent_card(parent_dir, "detection", "train one with python -m training.detect, or optimize a "
+                       "classifier with python -m training.optimize")
     samples = test_samples(card)
     made: dict[str, ModelCard] = {}
     skipped: dict[str, str] = {}
@@ -255,38 +249,23 @@ def optimize(parent_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parent_dir", type=Path, help="a detector directory from python -m training.detect")
-    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                    help=f"comma-separated (default {','.join(DEFAULT_VARIANTS)})")
+    ap = arguments(__doc__, "a detector directory from python -m training.detect", "mAP", "image", 8,
+                   ",".join(DEFAULT_VARIANTS))
     ap.add_argument("--proposals", type=int, default=50, help="lean: proposals kept per image at test time")
     ap.add_argument("--rank", type=int, default=256, help="svd: rank of the factorised fc6")
-    ap.add_argument("--budget", type=float, default=gate.DEFAULT_BUDGET_PT, help="allowed mAP drop, in points")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--timing-images", type=int, default=8)
-    args = ap.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v and v != BASELINE]
-    for name in ("proposals", "rank", "rounds", "timing_images"):
-        if getattr(args, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    args = parse(ap, argv, "training.detection_variants", ("proposals", "rank", "rounds", "timing_images"))
     for name in args.variants:
         parts = name.split("_")
         unknown = [t for t in (parts[:-1] if parts[-1] in RUNTIME_SUFFIXES else parts) if t not in TECHNIQUES]
         if unknown:
             ap.error(f"variant {name!r}: unknown technique {unknown[0]!r}; combine {', '.join(TECHNIQUES)} with '_', "
                      f"optionally ending in {' or '.join(RUNTIME_SUFFIXES)}")
-    args.command = "python -m training.detection_variants " + " ".join(sys.argv[1:] if argv is None else argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        report = optimize(args.parent_dir, args)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
-    print_rows(report)
-    print("->", args.parent_dir / REPORT_DIR)
+    run(optimize, parse_args(argv))
+
 
 if __name__ == "__main__":
     main()

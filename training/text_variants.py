@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -46,16 +45,14 @@ from handlers.contract import (
 from handlers.deprecations import known_deprecations
 from handlers.runtimes import load_model
 from handlers.tasks.text import Encoded, encode, load_tokenizer, pad
-from packager import gate
-from packager.pick import REPORT_DIR, variant_dir
+from packager.pick import variant_dir
 from training.evaluate import classification_metrics, summary
 from training.evaluate import write_report as write_eval
 from training.export import ParityError
 from training.text_data import Example, from_record, read_user_data
-from training.variant_report import SERVED_BATCH, print_rows, publish, row, timed
+from training.variant_report import BASELINE, SERVED_BATCH, arguments, parent_card, parse, publish, row, run, timed
 from training.variants.int8 import dynamic_int8, quantization_warnings
 
-BASELINE = "torchscript"
 HF_WEIGHTS = "model.safetensors"  # beside config.json and tokenizer.json: the Hugging Face directory
 PARITY_ATOL = 1e-4  # logits, TorchScript against its eager model
 VARIANTS = {BASELINE: False, "int8": True}  # name -> int8
@@ -184,10 +181,8 @@ def make(parent_dir: Path, name: str, examples: list[Example]) -> ModelCard:
 
 
 def optimize(parent_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    card = ModelCard.read(parent_dir)
-    if card.task != "text" or card.parent is not None:
-        raise ValueError(f"{parent_dir} is not a trained text classifier (task {card.task}); train one with "
-                         "python -m training.text")
+    card = parent_card(parent_dir, "text", "train one with python -m training.text, or bring one with python -m "
+                       "training.bring --hf-dir")
     examples = test_examples(card)
     made = {}
     for name in (BASELINE, *args.variants):
@@ -207,33 +202,18 @@ def optimize(parent_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parent_dir", type=Path, help="a text classifier directory from python -m training.text")
-    ap.add_argument("--variants", default="int8", help=f"comma-separated, of {', '.join(VARIANTS)} (default int8; "
-                    f"{BASELINE} is always made)")
-    ap.add_argument("--budget", type=float, default=gate.DEFAULT_BUDGET_PT, help="allowed accuracy drop, in points")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--timing-texts", type=int, default=64)
-    args = ap.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v and v != BASELINE]
+    ap = arguments(__doc__, "a text classifier directory from python -m training.text or training.bring --hf-dir",
+                   "accuracy", "text", 64, "int8")
+    args = parse(ap, argv, "training.text_variants", ("rounds", "timing_texts"))
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    for name in ("rounds", "timing_texts"):
-        if getattr(args, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    args.command = "python -m training.text_variants " + " ".join(sys.argv[1:] if argv is None else argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        report = optimize(args.parent_dir, args)
-    except (FileNotFoundError, ValueError, ParityError) as e:
-        raise SystemExit(f"error: {e}") from e
-    print_rows(report)
-    print("->", args.parent_dir / REPORT_DIR)
+    run(optimize, parse_args(argv))
+
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ training.text_variants make the variants; this module compares them the same way
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,13 +17,24 @@ import torch
 from handlers.contract import ModelCard
 from handlers.machine import cpu_label
 from packager import gate
-from packager.pick import write_report
+from packager.pick import REPORT_DIR, write_report
 from packager.stats import interleaved, median
 from training import speed
+from training.export import ParityError
 
+BASELINE = "torchscript"  # the fp32 export every variant is timed against
 SERVED_BATCH = 4  # the batch the variants are timed and picked at, as the shipped model-config batches
 THROUGHPUT = f"throughput_bs{SERVED_BATCH}"
 SPEEDUP = f"speedup_bs{SERVED_BATCH}"
+
+
+def parent_card(parent_dir: Path, task: str, hint: str) -> ModelCard:
+    """The card of a trained (or brought) `task` model, which variants are made from; else what to run instead."""
+    card = ModelCard.read(parent_dir)
+    if card.task != task or card.parent is not None:
+        raise ValueError(f"{parent_dir} is not a trained {task} model (task {card.task}, variant {card.variant}); "
+                         f"{hint}")
+    return card
 
 
 def timed(models: dict[str, Callable[[Any], Any]], singles: Sequence[Any], batches: Sequence[Any], items: int,
@@ -127,6 +139,40 @@ def publish(parent_dir: Path, card: ModelCard, rows: dict[str, dict[str, Any]], 
                       "threads": env["threads"], "machine": env["machine"], "torch": env["torch"]}
     write_report(parent_dir, report, write_markdown, plot)
     return report
+
+
+def arguments(doc: str, parent: str, measure: str, unit: str, timing: int, variants: str) -> argparse.ArgumentParser:
+    """The options every variants command takes: the parent, which variants, the gate's budget and the timing."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("parent_dir", type=Path, help=parent)
+    ap.add_argument("--variants", default=variants, help=f"comma-separated (default {variants}; {BASELINE} is "
+                    "always made)")
+    ap.add_argument("--budget", type=float, default=gate.DEFAULT_BUDGET_PT, help=f"allowed {measure} drop, in points")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(f"--timing-{unit}s", type=int, default=timing, help=f"{unit}s timed per round")
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser, argv: list[str] | None, module: str, positive: Sequence[str]
+          ) -> argparse.Namespace:
+    """Parsed options: variants as a list (the baseline aside), the `positive` ones checked, the command kept."""
+    args = ap.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v and v != BASELINE]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    args.command = f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def run(optimize: Callable[[Path, argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> None:
+    """A variants command: make, time and pick, then print the rows; a known failure is one line and exit 1."""
+    try:
+        report = optimize(args.parent_dir, args)
+    except (FileNotFoundError, ValueError, ParityError) as e:
+        raise SystemExit(f"error: {e}") from e
+    print_rows(report)
+    print("->", args.parent_dir / REPORT_DIR)
 
 
 def print_rows(report: dict[str, Any]) -> None:
