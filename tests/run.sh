@@ -2,8 +2,8 @@
 # The test command: set up .venv if needed, lint, then run the tests (real TorchServe included) in random order.
 #
 #   bash tests/run.sh                    # both tiers in one session: fast, then slow (what CI runs)
-#   bash tests/run.sh --tier fast        # everything not marked slow (~8 min on 2 cores)
-#   bash tests/run.sh --tier slow        # soak, fault, rollout and benchmark-harness tests (~24-30 min)
+#   bash tests/run.sh --tier fast        # everything not marked slow (~6 min on 2 cores)
+#   bash tests/run.sh --tier slow        # soak, fault, rollout and benchmark-harness tests (~33 min)
 #   bash tests/run.sh --tier fast -k serving --randomly-seed=1234   # extra arguments go to pytest (replay an order)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
